@@ -1,0 +1,69 @@
+"""Device choice and process-level CPU settings for inference."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+
+import torch
+
+_ALLOCATOR_TUNED = False
+
+
+def select_device(name: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; other names are checked for availability.
+
+    Raises ``ValueError`` with the reason when the requested device cannot be used.
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA GPU is available to PyTorch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    elif device.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' requested but Apple MPS is not available")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep large CPU tensors in the malloc heap instead of fresh mmap pages (glibc only).
+
+    glibc serves every allocation above 32 MB with a new ``mmap`` and returns it on free, so
+    each large activation of a transformer forward pass page-faults all its pages again. On
+    the 2-core reference machine that made a 512 x 512 MPT forward pass 2.3x slower than
+    4x the 256 x 256 one (13 s instead of 5.6 s). Raising the mmap and trim thresholds lets
+    freed blocks be reused. Freed memory is then kept by the process (peak RSS is unchanged).
+    Set ``MPT_DEBLUR_NO_MALLOPT=1`` to leave the allocator alone. Returns True if applied.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if os.environ.get("MPT_DEBLUR_NO_MALLOPT") or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    big = ctypes.c_int(2**31 - 1)
+    ok = bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+    _ALLOCATOR_TUNED = ok
+    return ok

@@ -1,0 +1,5 @@
+"""Network architectures (MPT, head-to-tail U-Net), their typed configs and the model registry.
+
+Import the submodules directly (``from napari_mpt_deblur.models.registry import load_model``);
+this package's ``__init__`` stays free of torch so that ``import napari_mpt_deblur`` is fast.
+"""

@@ -1,0 +1,308 @@
+"""Multi-Pyramid Transformer (Zhang et al., CVPR 2024), as specified in SPEC section 2.
+
+Differences from the authors' public code, on purpose:
+
+* cross-scale window pairing is spatially aligned: the query window at grid position (i, j)
+  attends to the key/value window at (floor(i*s), floor(j*s)) of the pooled map, the window that
+  covers it (the public code pairs windows by raster index);
+* the FEFN residual is on the CSWA stream ``x1``, as in the paper's equation;
+* any H x W input is accepted: reflect-padded to :attr:`MPTConfig.size_multiple`, cropped back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MPTConfig
+from .layers import ChannelLayerNorm, crop_to, reflect_pad_to_multiple
+
+
+def _depthwise3x3(channels: int) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+
+class IntraScaleChannelAttention(nn.Module):
+    """ISCA: multi-head attention across channels (C/h x C/h map per head), global over space.
+
+    q, k, v come from a 1x1 conv followed by a 3x3 depthwise conv; q and k are L2-normalised over
+    the spatial axis; the logits are scaled by a learnable per-head temperature.
+    Parameters: 4C^2 + 27C + h. Shape: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        # One fused 1x1 (C -> 3C) and depthwise conv: identical to separate q and kv convs.
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        self.qkv_dw = _depthwise3x3(3 * channels)
+        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dw(self.qkv(x)).chunk(3, dim=1)
+        shape = (b, self.heads, c // self.heads, h * w)
+        q = F.normalize(q.reshape(shape), dim=-1)
+        k = F.normalize(k.reshape(shape), dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature
+        out = attn.softmax(dim=-1) @ v.reshape(shape)
+        return self.proj(out.reshape(b, c, h, w))
+
+
+class ScalePooling(nn.Module):
+    """CSWA downsampling module: p = AvgPool(kernel=stride=1/s)(x); return p + W p.
+
+    Parameters: C^2. Shape: (B, C, H, W) -> (B, C, H*s, W*s).
+    """
+
+    def __init__(self, channels: int, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.avg_pool2d(x, self.factor)
+        return p + self.proj(p)
+
+
+def _region_labels(length: int, window: int) -> torch.Tensor:
+    """Swin's region labels along one axis of a cyclically shifted map.
+
+    After shifting by ``window // 2``, the last window holds two regions that were far apart
+    before the shift; they get labels 1 and 2, everything else 0.
+    """
+    labels = torch.zeros(length, dtype=torch.long)
+    labels[length - window : length - window // 2] = 1
+    labels[length - window // 2 :] = 2
+    return labels
+
+
+class CrossScaleWindowAttention(nn.Module):
+    """CSWA: M x M query windows attend to the M x M window of the 1/s-pooled map that covers them.
+
+    With ``factor = 1/s``, the query map (H, W) is split into groups of ``factor*M x factor*M``
+    pixels; each group holds ``factor**2`` query windows and pairs with the one key/value window
+    of the pooled (H/factor, W/factor) map at the same place. Every query thus sees an
+    ``M/s x M/s`` region at the cost of plain window attention.
+
+    Cosine attention with a learnable per-head temperature (log-parameterised, clamped at 100 as
+    in Swin V2) plus a relative position bias from a ((2M-1)^2, h) table indexed by the offset, on
+    the pooled grid, between the key and the pooled pixel that holds the query (for s = 1 this is
+    exactly Swin's bias).
+
+    ``shifted``: the query map is rolled by M/(2s) and the pooled map by M/2, the same physical
+    distance, so pairs stay aligned; regions that the roll wrapped together are masked as in Swin.
+
+    Parameters: 4C^2 + 27C + h + (2M-1)^2 h, plus C^2 when s < 1.
+    Shape: (B, C, H, W) -> (B, C, H, W), with H and W multiples of M/s.
+    """
+
+    def __init__(self, channels: int, heads: int, scale: float, window_size: int = 8, shifted: bool = False) -> None:
+        super().__init__()
+        self.heads = heads
+        self.window = window_size
+        self.factor = round(1 / scale)
+        if abs(self.factor * scale - 1) > 1e-6:
+            raise ValueError(f"CSWA scale must be 1/n for an integer n, got {scale}")
+        self.shifted = shifted
+        self.downsample = ScalePooling(channels, self.factor) if self.factor > 1 else nn.Identity()
+        self.q = nn.Conv2d(channels, channels, 1, bias=False)
+        self.q_dw = _depthwise3x3(channels)
+        self.kv = nn.Conv2d(channels, 2 * channels, 1, bias=False)
+        self.kv_dw = _depthwise3x3(2 * channels)
+        self.logit_scale = nn.Parameter(torch.full((heads, 1, 1), math.log(10.0)))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.proj = nn.Linear(channels, channels, bias=False)
+        self.register_buffer("relative_position_index", self._relative_position_index(), persistent=False)
+
+    @property
+    def group_size(self) -> int:
+        """Side of the full-resolution region that one key/value window covers (M/s)."""
+        return self.window * self.factor
+
+    def _relative_position_index(self) -> torch.Tensor:
+        m, g = self.window, self.group_size
+        q_pos = torch.arange(g) // self.factor  # pooled-grid row/col of each query pixel in a group
+        k_pos = torch.arange(m)
+        rel = q_pos[:, None] - k_pos[None, :] + (m - 1)  # (g, m), values in [0, 2m-2]
+        index = rel[:, None, :, None] * (2 * m - 1) + rel[None, :, None, :]  # (g, g, m, m)
+        return index.reshape(g * g, m * m)
+
+    def _shift_mask(self, n_h: int, n_w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive masks (0 or -inf) for rows and columns, broadcast in :meth:`forward`.
+
+        Returns row_mask (n_h, g, m) and col_mask (n_w, g, m): entry [i, a, c] is -inf when query
+        row a of group row i and key row c came from different regions before the roll.
+        """
+        m, g = self.window, self.group_size
+
+        def axis_mask(n: int) -> torch.Tensor:
+            q_lab = _region_labels(n * g, g).view(n, g)
+            k_lab = _region_labels(n * m, m).view(n, m)
+            differ = q_lab[:, :, None] != k_lab[:, None, :]
+            mask = torch.zeros(differ.shape, dtype=dtype, device=device)
+            return mask.masked_fill_(differ.to(device), float("-inf"))
+
+        return axis_mask(n_h), axis_mask(n_w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        m, g, heads = self.window, self.group_size, self.heads
+        if h % g or w % g:
+            raise ValueError(f"CSWA with window {m} and scale 1/{self.factor} needs H, W multiples of {g}, got {h}x{w}")
+        d = c // heads
+        q = self.q_dw(self.q(x))
+        k, v = self.kv_dw(self.kv(self.downsample(x))).chunk(2, dim=1)
+        if self.shifted:
+            q = torch.roll(q, shifts=(-(g // 2), -(g // 2)), dims=(2, 3))
+            k = torch.roll(k, shifts=(-(m // 2), -(m // 2)), dims=(2, 3))
+            v = torch.roll(v, shifts=(-(m // 2), -(m // 2)), dims=(2, 3))
+        n_h, n_w = h // g, w // g
+
+        def to_groups(t: torch.Tensor, side: int) -> torch.Tensor:
+            # (B, C, n_h*side, n_w*side) -> (B*n_h*n_w, heads, side*side, d)
+            t = t.reshape(b, heads, d, n_h, side, n_w, side).permute(0, 3, 5, 1, 4, 6, 2)
+            return t.reshape(b * n_h * n_w, heads, side * side, d)
+
+        q = F.normalize(to_groups(q, g), dim=-1)
+        k = F.normalize(to_groups(k, m), dim=-1)
+        v = to_groups(v, m)
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        attn = (q * scale) @ k.transpose(-2, -1)  # (G, heads, g*g, m*m)
+        bias = self.relative_position_bias_table[self.relative_position_index]  # (g*g, m*m, heads)
+        attn = attn + bias.permute(2, 0, 1).to(attn.dtype)
+        if self.shifted:
+            row_mask, col_mask = self._shift_mask(n_h, n_w, attn.device, attn.dtype)
+            attn = attn.view(b, n_h, n_w, heads, g, g, m, m)
+            attn = attn + row_mask.view(1, n_h, 1, 1, g, 1, m, 1) + col_mask.view(1, 1, n_w, 1, 1, g, 1, m)
+            attn = attn.view(b * n_h * n_w, heads, g * g, m * m)
+        out = attn.softmax(dim=-1) @ v  # (G, heads, g*g, d)
+        out = out.view(b, n_h, n_w, heads, g, g, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, h, w, c)
+        out = self.proj(out).permute(0, 3, 1, 2)
+        if self.shifted:
+            out = torch.roll(out, shifts=(g // 2, g // 2), dims=(2, 3))
+        return out
+
+
+class FeatureEnhancingFFN(nn.Module):
+    """FEFN: out = W_p(GELU(x2') * x1') + x1.
+
+    x1 (spatial stream, from CSWA): x1' = Linear(LN_b(x1)) to F = int(expansion * C).
+    x2 (channel stream, from ISCA): x2' = DW3x3(Conv1x1(LN_a(x2))) to F.
+    Parameters: 4C (two norms) + 3CF + 9F. Shapes: (B, C, H, W) x 2 -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, expansion: float) -> None:
+        super().__init__()
+        hidden = int(expansion * channels)
+        self.norm_spatial = ChannelLayerNorm(channels)
+        self.norm_channel = ChannelLayerNorm(channels)
+        self.spatial_in = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.channel_in = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.channel_dw = _depthwise3x3(hidden)
+        self.out = nn.Conv2d(hidden, channels, 1, bias=False)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        gate = F.gelu(self.channel_dw(self.channel_in(self.norm_channel(x2))))
+        return self.out(gate * self.spatial_in(self.norm_spatial(x1))) + x1
+
+
+class PyramidSubBlock(nn.Module):
+    """One sub-block: n = LN(x); a = x + ISCA(n); b = x + CSWA(n); return FEFN(x1=b, x2=a).
+
+    Shape: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int, heads: int, scale: float, window_size: int, shifted: bool, expansion: float) -> None:
+        super().__init__()
+        self.norm = ChannelLayerNorm(channels)
+        self.channel_attention = IntraScaleChannelAttention(channels, heads)
+        self.spatial_attention = CrossScaleWindowAttention(channels, heads, scale, window_size, shifted)
+        self.ffn = FeatureEnhancingFFN(channels, expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm(x)
+        a = x + self.channel_attention(n)
+        b = x + self.spatial_attention(n)
+        return self.ffn(b, a)
+
+
+class PyramidBlock(nn.Sequential):
+    """Sub-blocks from coarse to fine scale; the 2nd, 4th, ... use shifted windows."""
+
+    def __init__(self, channels: int, heads: int, scales: tuple[float, ...], cfg: MPTConfig) -> None:
+        super().__init__(
+            *(
+                PyramidSubBlock(channels, heads, s, cfg.window_size, cfg.shift_every_second and j % 2 == 1, cfg.ffn_expansion)
+                for j, s in enumerate(scales)
+            )
+        )
+
+
+class Downsample(nn.Sequential):
+    """3x3 conv C -> C/2 then PixelUnshuffle(2). Shape: (B, C, H, W) -> (B, 2C, H/2, W/2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+
+class Upsample(nn.Sequential):
+    """3x3 conv C -> 2C then PixelShuffle(2). Shape: (B, C, H, W) -> (B, C/2, 2H, 2W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+
+class MultiPyramidTransformer(nn.Module):
+    """MPT: U-shaped stack of pyramid blocks with additive skips and a global residual.
+
+    Shape: (B, in_channels, H, W) -> (B, out_channels, H, W) for any H, W >= 1. Intensities are
+    expected roughly in [0, 1] (see :mod:`napari_mpt_deblur.data.normalisation`).
+    """
+
+    def __init__(self, config: MPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        levels = config.levels
+        ch = config.level_channels
+        self.embed = nn.Conv2d(config.in_channels, config.dim, 3, padding=1, bias=False)
+        self.encoders = nn.ModuleList(
+            PyramidBlock(ch(i), config.heads[i], config.scales[i], config) for i in range(levels - 1)
+        )
+        self.downs = nn.ModuleList(Downsample(ch(i)) for i in range(levels - 1))
+        self.bottleneck = PyramidBlock(ch(levels - 1), config.heads[-1], config.scales[-1], config)
+        # ups[i] takes level i+1 to level i; decoders[i] runs at level i.
+        self.ups = nn.ModuleList(Upsample(ch(i + 1)) for i in range(levels - 1))
+        self.decoders = nn.ModuleList(
+            PyramidBlock(ch(i), config.heads[i], config.scales[i], config) for i in range(levels - 1)
+        )
+        self.head = nn.Conv2d(config.dim, config.out_channels, 3, padding=1, bias=False)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.config.size_multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"MPT expects (B, {self.config.in_channels}, H, W) input, got shape {tuple(x.shape)}"
+            )
+        padded, size = reflect_pad_to_multiple(x, self.size_multiple)
+        feat = self.embed(padded)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            feat = encoder(feat)
+            skips.append(feat)
+            feat = down(feat)
+        feat = self.bottleneck(feat)
+        for i in reversed(range(len(self.decoders))):
+            feat = self.decoders[i](self.ups[i](feat) + skips[i])
+        out = self.head(feat)
+        if self.config.global_residual and self.config.in_channels == self.config.out_channels:
+            out = out + padded
+        return crop_to(out, size)
