@@ -1,0 +1,243 @@
+"""napari widget: deblur an image layer (2D, z-stack, time series) with a chosen model.
+
+The work runs in a ``thread_worker``; tile progress reaches the progress bar through a Qt signal
+and Cancel stops the engine between tiles. In-memory layers are restored into a new in-memory
+layer; dask/zarr-backed (lazy) layers, and any layer when "save to zarr" is on, are streamed
+plane by plane into a zarr store that the new layer then reads lazily, so memory does not grow
+with stack depth and the viewer never computes planes on its own thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, SpinBox
+from qtpy.QtCore import QObject, Signal
+
+from ._widget_common import (
+    axes_for_layer,
+    geometry_kwargs,
+    is_lazy,
+    layer_data,
+    model_choices,
+    model_events,
+    notify_error,
+    notify_info,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+_TEMP_DIRS: list[str] = []
+
+
+@atexit.register
+def _remove_temp_dirs() -> None:
+    for d in _TEMP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class _ProgressRelay(QObject):
+    """Carries (done, total) tile counts from the worker thread to the GUI thread (queued)."""
+
+    progressed = Signal(int, int)
+
+
+@dataclass
+class DeblurRequest:
+    """Everything the worker needs, gathered on the GUI thread."""
+
+    layer_name: str
+    data: Any
+    axes: str
+    model: str
+    settings: dict[str, Any]
+    zarr_path: Path | None
+    geometry: dict[str, Any] = field(default_factory=dict)
+    colormap: str | None = None
+
+
+def _path_or_none(file_edit: FileEdit) -> Path | None:
+    """The path typed or picked in ``file_edit``, None when empty (its ``value`` would be ``.``)."""
+    text = file_edit.line_edit.value.strip()
+    return Path(text).expanduser() if text else None
+
+
+def device_choices() -> list[str]:
+    import torch
+
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        choices.append("mps")
+    return choices
+
+
+def run_deblur(request: DeblurRequest, cancel: threading.Event, progress=None) -> tuple[Any, dict[str, Any]]:
+    """Worker body (no Qt): restore ``request.data``; return (output data, metadata)."""
+    from .inference.engine import Deblurrer, InferenceSettings
+    from .io.images import read_image
+
+    engine = Deblurrer(request.model, InferenceSettings(**request.settings))
+    if request.zarr_path is None:
+        out = engine.deblur_array(request.data, request.axes, progress=progress, cancel=cancel)
+        meta = engine.metadata()
+        meta["axes"] = request.axes
+        return out, meta
+    engine.write_zarr(request.data, request.zarr_path, request.axes, progress=progress, cancel=cancel)
+    source = read_image(request.zarr_path)
+    meta = engine.metadata()
+    meta.update({"axes": request.axes, "zarr_path": str(request.zarr_path)})
+    return source.data, meta
+
+
+class DeblurWidget(Container):
+    """Deblur: image layer + model + device + tiling -> a new, restored layer."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer") -> None:
+        from magicgui.widgets import create_widget
+        from napari.layers import Image
+
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self.image = create_widget(annotation=Image, label="image")
+        self.model = ComboBox(label="model", choices=lambda _w: model_choices() or ["(no models installed)"])
+        self.model_file = FileEdit(label="or model file", mode="r", filter="*.json *.safetensors", value="")
+        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
+        self.tile = SpinBox(label="tile px (0 = auto)", min=0, max=8192, step=64, value=0)
+        self.overlap = SpinBox(label="overlap px (-1 = auto)", min=-1, max=2048, step=8, value=-1)
+        self.axes = LineEdit(label="axes (empty = from layer)", value="")
+        self.output_dtype = ComboBox(label="output dtype", choices=["float32", "input"], value="float32")
+        self.save_zarr = CheckBox(text="save to zarr (big stacks)", value=False)
+        self.zarr_path = FileEdit(label="zarr path", mode="w", value="")
+        self.run_button = PushButton(text="Deblur")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="tiles", min=0, max=1, value=0)
+        self.status = Label(value="")
+        self.extend([
+            self.image, self.model, self.model_file, self.device, self.tile, self.overlap, self.axes,
+            self.output_dtype, self.save_zarr, self.zarr_path, self.run_button, self.cancel_button,
+            self.progress, self.status,
+        ])
+        self._relay = _ProgressRelay()
+        self._relay.progressed.connect(self._on_progress)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        model_events.changed.connect(self.model.reset_choices)
+        self._cancel_event = threading.Event()
+        self.worker = None
+        #: The layer the last successful run added (for scripts and tests).
+        self.last_layer = None
+
+    # ---- request ---------------------------------------------------------------------------
+
+    def _model_spec(self) -> str:
+        chosen_file = _path_or_none(self.model_file)
+        if chosen_file is not None:
+            return str(chosen_file)
+        name = self.model.value
+        if not name or name.startswith("("):
+            raise ValueError("no model selected: install a model or choose a model file")
+        return name
+
+    def build_request(self) -> DeblurRequest:
+        layer = self.image.value
+        if layer is None:
+            raise ValueError("choose an image layer first")
+        data = layer_data(layer)
+        axes = self.axes.value.strip().upper() or axes_for_layer(layer)
+        settings: dict[str, Any] = {"device": self.device.value, "output_dtype": self.output_dtype.value}
+        if self.tile.value > 0:
+            settings["tile"] = int(self.tile.value)
+        if self.overlap.value >= 0:
+            settings["overlap"] = int(self.overlap.value)
+        zarr_path = _path_or_none(self.zarr_path) if self.save_zarr.value else None
+        if self.save_zarr.value and zarr_path is None:
+            raise ValueError("'save to zarr' is on: choose where to write the zarr store")
+        if zarr_path is not None and zarr_path.exists():
+            raise ValueError(f"{zarr_path} already exists; choose a new path (nothing is overwritten)")
+        if zarr_path is None and is_lazy(data):
+            # Lazy in, lazy out: stream into a temporary store instead of loading the stack.
+            tmp = tempfile.mkdtemp(prefix="mpt-deblur-")
+            _TEMP_DIRS.append(tmp)
+            zarr_path = Path(tmp) / f"{layer.name}-deblurred.zarr"
+        colormap = getattr(getattr(layer, "colormap", None), "name", None)
+        return DeblurRequest(layer_name=layer.name, data=data, axes=axes, model=self._model_spec(),
+                             settings=settings, zarr_path=zarr_path, geometry=geometry_kwargs(layer),
+                             colormap=colormap)
+
+    # ---- run / cancel ----------------------------------------------------------------------
+
+    def run(self):
+        """Start deblurring in a worker thread; returns the worker (or None if the input is bad)."""
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            notify_info("a deblur run is already in progress")
+            return None
+        try:
+            request = self.build_request()
+        except Exception as exc:  # bad input: say so, change nothing
+            notify_error(exc, "Deblur")
+            self.status.value = f"error: {exc}"
+            return None
+        self._cancel_event = threading.Event()
+        self.progress.value = 0
+        self.status.value = f"deblurring {request.layer_name} ({request.axes}) with {Path(request.model).name}..."
+        # Passing "errored" here stops napari from re-raising worker errors into the event loop.
+        worker = create_worker(run_deblur, request, self._cancel_event, self._relay.progressed.emit,
+                               _start_thread=False, _connect={"errored": self._on_error})
+        worker.returned.connect(lambda result: self._on_returned(request, result))
+        worker.finished.connect(self._on_finished)
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop after the current tile batch."""
+        self._cancel_event.set()
+        self.status.value = "cancelling after the current tiles..."
+
+    # ---- callbacks (GUI thread) ------------------------------------------------------------
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = min(done, total)
+
+    def _on_returned(self, request: DeblurRequest, result: tuple[Any, dict[str, Any]]) -> None:
+        data, meta = result
+        meta = {"mpt_deblur": meta, "source_layer": request.layer_name}
+        kwargs = dict(request.geometry)
+        if request.colormap:
+            kwargs["colormap"] = request.colormap
+        model_name = meta["mpt_deblur"]["model"]["name"]
+        self.last_layer = self._viewer.add_image(
+            data, name=f"{request.layer_name} deblurred ({model_name})", metadata=meta,
+            rgb=request.axes.endswith("C") and data.shape[-1] in (3, 4), **kwargs,
+        )
+        untrained = "" if meta["mpt_deblur"]["model"]["trained"] else " (UNTRAINED model)"
+        self.status.value = f"done: {self.last_layer.name}{untrained}"
+
+    def _on_error(self, exc: BaseException) -> None:
+        from .inference.progress import Cancelled
+
+        if isinstance(exc, Cancelled):
+            self.status.value = f"{exc}; input layer unchanged"
+            notify_info(f"Deblur {exc}; the input layer is unchanged")
+            return
+        self.status.value = f"error: {exc}"
+        notify_error(exc, "Deblur")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
