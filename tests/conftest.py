@@ -14,3 +14,22 @@ def pytest_configure(config):
     from napari_mpt_deblur.inference.devices import tune_cpu_allocator
 
     tune_cpu_allocator()
+
+
+import pathlib
+
+import pytest
+
+#: The project's shared real data lives beside the repository (``<repo>/../shared``) in CI and here;
+#: ``MPT_DEBLUR_SHARED`` overrides. Tests must find it through this, never by an absolute path.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DIR = pathlib.Path(os.environ.get("MPT_DEBLUR_SHARED", REPO_ROOT.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """``<shared>/data``: U2OS nuclei and BBBC006 real images (see its README)."""
+    data = SHARED_DIR / "data"
+    if not data.is_dir():
+        pytest.fail(f"shared data not found at {data}: clone the repo beside ../shared or set MPT_DEBLUR_SHARED")
+    return data

@@ -152,17 +152,126 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--dtype", choices=["float32", "input"], default="float32", help="output dtype")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address, or 'local' for a LocalCluster")
+    p.add_argument("--normalisation", choices=["plane", "stack"], default="plane",
+                   help="percentile range per 2D plane (default) or one range for the whole stack")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    p.set_defaults(handler=_not_yet(4))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import threading
+    import time
+
+    from pydantic import ValidationError
+
+    from .inference.devices import tune_cpu_allocator
+    from .inference.engine import Deblurrer, InferenceSettings
+    from .inference.progress import Cancelled
+    from .io.images import check_output, output_format, read_image
+
+    if not args.input.exists():
+        raise CommandError(f"input not found: {args.input}")
+    kind = output_format(args.output)
+    check_output(args.output, overwrite=args.overwrite, input_path=args.input)
+    try:
+        settings = InferenceSettings(tile=args.tile, overlap=args.overlap, batch_size=args.batch, device=args.device,
+                                     precision=args.precision, output_dtype=args.dtype,
+                                     normalisation_scope=args.normalisation)
+    except ValidationError as exc:
+        raise CommandError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    tune_cpu_allocator()
+    engine = Deblurrer(args.model, settings)
+    source = read_image(args.input, axes=args.axes, model_channels=engine.in_channels)
+    layout = engine.prepare(source).layout
+    tile, overlap, batch = engine.current_tile
+    trained = "" if engine.record.trained else " (UNTRAINED weights)"
+    print(f"{args.input}: {layout.describe()} [{source.dtype}], axes {source.axes_from}", file=sys.stderr)
+    print(f"model {engine.record.name}{trained} on {engine.device}, tile {tile} overlap {overlap} batch {batch}, "
+          f"precision {engine.settings.precision}", file=sys.stderr)
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1, unit="tile", desc="deblur", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    client = None
+    if args.scheduler:
+        from .inference.distributed import connect
+
+        client = connect(args.scheduler)
+        print(f"dask.distributed: {client}", file=sys.stderr)
+    cancel = threading.Event()
+    write = engine.write_zarr if kind == "zarr" else engine.write_tiff
+    t0 = time.perf_counter()
+    try:
+        write(source, args.output, overwrite=args.overwrite, progress=progress, cancel=cancel, client=client)
+    except KeyboardInterrupt:
+        cancel.set()
+        left = f"; {args.output} is marked incomplete" if kind == "zarr" and args.output.exists() else ""
+        print(f"mpt-deblur predict: interrupted{left}", file=sys.stderr)
+        raise
+    except Cancelled as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        if client is not None:
+            cluster = getattr(client, "cluster", None)
+            client.close()
+            if cluster is not None and args.scheduler == "local":
+                cluster.close()
+    seconds = time.perf_counter() - t0
+    mpix = layout.n_planes * layout.plane_hw[0] * layout.plane_hw[1] / 1e6
+    for event in engine.events:
+        print(f"note: {event}", file=sys.stderr)
+    print(f"wrote {args.output} ({kind}, {engine.output_dtype(source.dtype)}) in {seconds:.1f} s "
+          f"({mpix / seconds:.3f} megapixels/s)")
+    return EXIT_OK
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML/JSON config (EFCR, resumable)",
-                       description="Train a model; run under torchrun for multi-GPU with the same command.")
+                       description="Train a model; run under torchrun for multi-GPU with the same command "
+                                   "(torchrun --nproc_per_node N -m napari_mpt_deblur.cli train --config ...). "
+                                   "See docs/training.md for the config reference.")
     p.add_argument("--config", type=Path, required=True, help="training config (YAML or JSON)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: from the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
-    p.set_defaults(handler=_not_yet(3))
+    p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
+    p.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda, cuda:N, mps)")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .inference.devices import tune_cpu_allocator
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError, load_config
+    from .training.trainer import train
+
+    tune_cpu_allocator()
+    try:
+        config = load_config(args.config)
+        update = {k: v for k, v in (("out_dir", args.out), ("steps", args.steps), ("device", args.device)) if v is not None}
+        if update:
+            config = type(config).model_validate({**config.model_dump(), **update})
+        result = train(config, resume=args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        raise CommandError(str(exc)) from exc
+    if result.model_path is not None:
+        state = "finished" if result.completed else "stopped"
+        print(f"{state} after {result.steps_done} steps; model: {result.model_path}")
+        if result.best:
+            print(f"best validation PSNR {result.best['psnr']:.2f} dB at step {result.best['step']} "
+                  f"(input {result.best['input_psnr']:.2f} dB)")
+    return EXIT_OK
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -170,44 +279,200 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                        description="Fine-tune MODEL on unlabeled images (EFCRex), labeled batches from a synthetic paired set.")
     p.add_argument("--model", required=True, help="starting model name or path")
     p.add_argument("--unlabeled", type=Path, required=True, help="folder of unlabeled (blurry) images")
-    p.add_argument("--sharp", type=Path, default=None, help="folder of sharp images for synthetic labeled pairs")
+    p.add_argument("--sharp", type=Path, default=None,
+                   help="folder of sharp images for synthetic labeled pairs (default: the bundled in-focus BBBC006 image)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--patch", type=int, default=128, help="patch side in pixels (rounded up to the model's size factor)")
+    p.add_argument("--beta", type=float, default=None, help="weight of the EFCRex term (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned model (stem or .safetensors)")
     p.add_argument("--device", default="auto")
-    p.set_defaults(handler=_not_yet(3))
+    p.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .data.datasets import load_images
+    from .inference.devices import tune_cpu_allocator
+    from .models.registry import model_paths
+    from .training.finetune import FINETUNE_BETA, FineTuner
+
+    tune_cpu_allocator()
+    weights, record = model_paths(args.out)
+    if weights.exists() or record.exists():
+        raise CommandError(f"{record} already exists; choose another --out")
+    for name in ("steps", "batch", "patch"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name} must be at least 1")
+    unlabeled, _ = load_images(args.unlabeled)
+    sharp = load_images(args.sharp)[0] if args.sharp is not None else None
+    tuner = FineTuner(args.model, unlabeled, sharp, steps=args.steps, lr=args.lr, batch=args.batch, patch=args.patch,
+                      beta=FINETUNE_BETA if args.beta is None else args.beta, device=args.device, seed=args.seed)
+    with tqdm(total=args.steps, desc="finetune", unit="step") as bar:
+        for rec in tuner.steps():
+            bar.set_postfix(loss=f"{rec.losses['loss']:.4g}", l_ext=f"{rec.losses.get('l_ext', float('nan')):.3g}")
+            bar.update(1)
+    path = tuner.save(args.out)
+    print(f"fine-tuned {tuner.trainer.step} steps on {len(unlabeled)} unlabeled images; model: {path}")
+    return EXIT_OK
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="PSNR/SSIM/sharpness of restored images against references")
-    p.add_argument("--pred", type=Path, required=True, help="folder of restored images")
-    p.add_argument("--ref", type=Path, default=None, help="folder of sharp references (same names)")
+    p = sub.add_parser(
+        "evaluate", help="PSNR/SSIM/sharpness of restored images against references",
+        description=("PSNR and SSIM (data range 1, both images scaled by the reference's 0.1/99.9 percentiles) "
+                     "of restored images against same-named references, and no-reference sharpness "
+                     "(normalised LoG variance, Brenner, Vollath F4) of each restored image."),
+    )
+    p.add_argument("--pred", type=Path, required=True, help="restored image (TIFF) or folder of them")
+    p.add_argument("--ref", type=Path, default=None, help="sharp reference image or folder (same names)")
+    p.add_argument("--lpips", action="store_true", help="also LPIPS (only if the lpips package and weights are local)")
     p.add_argument("--out", type=Path, default=None, help="CSV to write")
-    p.set_defaults(handler=_not_yet(6))
+    p.add_argument("--overwrite", action="store_true", help="replace the CSV if it exists")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _refuse_existing(path: Path | None, overwrite: bool) -> None:
+    if path is not None and path.exists() and not overwrite:
+        raise CommandError(f"{path} already exists; choose another path or pass --overwrite")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.compare import evaluate_images, rows_to_csv
+    from .evaluation.metrics import MetricUnavailable
+
+    _refuse_existing(args.out, args.overwrite)
+    try:
+        rows = evaluate_images(args.pred, args.ref, use_lpips=args.lpips)
+    except MetricUnavailable as exc:
+        raise CommandError(str(exc)) from exc
+    if args.out is not None:
+        rows_to_csv(args.out, rows)
+        print(f"wrote {args.out}")
+    return EXIT_OK
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark", help="synthetic-defocus benchmark: PSNR, SSIM, StarDist AP, speed")
-    p.add_argument("--sharp", type=Path, required=True, help="folder of sharp images")
-    p.add_argument("--labels", type=Path, default=None, help="folder of ground-truth labels (same names)")
+    p = sub.add_parser(
+        "benchmark", help="synthetic-defocus benchmark: PSNR, SSIM, StarDist AP, speed",
+        description=("Blur sharp images with a realistic widefield defocus PSF plus Poisson-Gaussian noise (seeded), "
+                     "restore them with each method and write summary.md / summary.csv / per_image.csv / "
+                     "config.json and figures (benchmark.png, ap_vs_iou.png) into --out. Methods: input, rlN "
+                     "(Richardson-Lucy, N iterations, true PSF; rl = rl30), wiener (true PSF, balance tuned per "
+                     "defocus), wiener:BALANCE, mpt:MODEL, h2t:MODEL, model:MODEL."),
+    )
+    p.add_argument("--sharp", type=Path, required=True, help="folder of sharp images (TIFF)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="folder of ground-truth labels (same names); without it StarDist on the sharp image is the reference")
+    p.add_argument("--names-from", choices=["test", "val", "train"], default=None,
+                   help="use only the images of this split of the shared U2OS set (data.splits)")
+    p.add_argument("--max-images", type=int, default=None, help="use at most this many images")
     p.add_argument("--defocus", type=_float_list, default=[2.0, 4.0, 8.0, 12.0], help="defocus values in um")
     p.add_argument("--na", type=float, default=0.45)
     p.add_argument("--wavelength", type=float, default=0.461, help="emission wavelength in um")
-    p.add_argument("--pixel", type=float, default=0.645, help="pixel size in um")
-    p.add_argument("--methods", type=_str_list, default=["input", "rl", "wiener"], help="comma-separated methods")
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(handler=_not_yet(6))
+    p.add_argument("--pixel", type=float, default=0.645, help="pixel size in the sample plane, um")
+    p.add_argument("--immersion", type=float, default=1.0, help="immersion refractive index")
+    p.add_argument("--psf-model", choices=["scalar", "vectorial", "gibson_lanni", "pupil"], default="scalar")
+    p.add_argument("--peak-photons", type=float, default=1000.0, help="photons at intensity 1 (0: no noise)")
+    p.add_argument("--read-noise", type=float, default=3.0, help="Gaussian read noise sigma, photons")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", type=_str_list, default=["input", "rl10", "rl30", "wiener"], help="comma-separated methods")
+    p.add_argument("--wiener-tune", type=Path, default=None,
+                   help=("folder of sharp images to tune the Wiener balance on (default: with --names-from test, "
+                         "the U2OS StarDist-validation images in --sharp; otherwise the first benchmark images)"))
+    p.add_argument("--wiener-tune-images", type=int, default=3, help="how many tuning images")
+    p.add_argument("--stardist-model", default=None, help="registered name, local folder, or shipped (default)")
+    p.add_argument("--no-stardist", action="store_true", help="skip StarDist (no AP columns)")
+    p.add_argument("--device", default="auto", help="device for deblurring models: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--tile", type=int, default=None,
+                   help="largest tile side for models (default: the inference engine's default for the device)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(handler=_run_benchmark)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from .evaluation.benchmark import BenchmarkConfig, run_benchmark
+    from .evaluation.stardist_runner import StarDistModelError, StarDistUnavailable
+
+    names = tune_names = None
+    if args.names_from is not None:
+        from .data import splits
+
+        names = list({"test": splits.U2OS_TEST, "val": splits.U2OS_STARDIST_VAL, "train": splits.U2OS_TRAIN}[args.names_from])
+        if args.names_from == "test" and args.wiener_tune is None:
+            # Tune Wiener on images that are not benchmarked: the U2OS StarDist-validation split.
+            tune_names = list(splits.U2OS_STARDIST_VAL)
+    cfg = BenchmarkConfig(
+        sharp_dir=args.sharp, labels_dir=args.labels, names=names, max_images=args.max_images, defocus_um=args.defocus,
+        na=args.na, wavelength_um=args.wavelength, pixel_um=args.pixel, immersion_index=args.immersion,
+        psf_model=args.psf_model, peak_photons=args.peak_photons if args.peak_photons > 0 else None,
+        read_sigma_photons=args.read_noise, seed=args.seed, methods=args.methods, wiener_tune_dir=args.wiener_tune,
+        wiener_tune_names=tune_names, wiener_tune_images=args.wiener_tune_images, stardist=not args.no_stardist,
+        stardist_model=args.stardist_model, device=args.device, tile=args.tile,
+    )
+    try:
+        run_benchmark(cfg, args.out, overwrite=args.overwrite, log=print)
+    except (StarDistUnavailable, StarDistModelError) as exc:
+        raise CommandError(f"{exc} (or pass --no-stardist)") from exc
+    return EXIT_OK
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="StarDist nuclei before/after deblurring, with matching against labels")
-    p.add_argument("--before", type=Path, required=True)
-    p.add_argument("--after", type=Path, required=True)
+    p = sub.add_parser(
+        "compare", help="StarDist nuclei before/after deblurring, with matching against labels",
+        description=("Segment BEFORE and AFTER (2D images or stacks, segmented per plane) with StarDist and report "
+                     "object counts and, with --labels, precision/recall/F1/AP at IoU 0.5, 0.7, 0.9 and mean AP "
+                     "(AP = TP/(TP+FP+FN), mean AP = mean over the three IoUs: the MPT paper's Table 6)."),
+    )
+    p.add_argument("--before", type=Path, required=True, help="blurred image (TIFF)")
+    p.add_argument("--after", type=Path, required=True, help="deblurred image (TIFF)")
+    p.add_argument("--sharp", type=Path, default=None, help="optional in-focus image of the same field")
     p.add_argument("--labels", type=Path, default=None, help="ground-truth label image")
     p.add_argument("--stardist-model", default=None, help="registered name, local folder, or shipped (default)")
+    p.add_argument("--save-labels", type=Path, default=None, help="folder to write the StarDist label TIFFs into")
     p.add_argument("--out", type=Path, default=None, help="CSV to write")
-    p.set_defaults(handler=_not_yet(6))
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .evaluation.compare import compare_stardist, format_table, read_image, rows_to_csv
+    from .evaluation.stardist_runner import StarDistModelError, StarDistUnavailable
+
+    _refuse_existing(args.out, args.overwrite)
+    label_paths = {}
+    if args.save_labels is not None:
+        for key in ("before", "after", "sharp"):
+            label_paths[key] = args.save_labels / f"stardist_{key}.tif"
+            _refuse_existing(label_paths[key] if (key != "sharp" or args.sharp) else None, args.overwrite)
+    images = {"before": read_image(args.before), "after": read_image(args.after)}
+    if args.sharp is not None:
+        images["sharp"] = read_image(args.sharp)
+    gt = read_image(args.labels) if args.labels is not None else None
+    try:
+        result = compare_stardist(images, gt, args.stardist_model)
+    except (StarDistUnavailable, StarDistModelError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"StarDist: {result.model}")
+    cols = ["image", "objects"] + (["ap@0.5", "ap@0.7", "ap@0.9", "mean_ap", "precision@0.5", "recall@0.5", "f1@0.5"]
+                                   if gt is not None else [])
+    print(format_table(result.rows, cols))
+    if args.out is not None:
+        rows_to_csv(args.out, result.rows)
+        print(f"wrote {args.out}")
+    if args.save_labels is not None:
+        import tifffile
+
+        from .io.atomic import write_with
+
+        for key, lab in result.labels.items():
+            write_with(label_paths[key], lambda p, lab=lab: tifffile.imwrite(p, lab, compression="zlib"))
+            print(f"wrote {label_paths[key]}")
+    return EXIT_OK
 
 
 _COMMANDS = (_add_predict, _add_train, _add_finetune, _add_evaluate, _add_benchmark, _add_compare, _add_info, _add_demo)

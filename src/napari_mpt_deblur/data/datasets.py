@@ -1,0 +1,498 @@
+"""Training data (SPEC section 5): paired folders, BBBC006-style plane folders, z-stacks with an
+automatically found focal plane, synthetic defocus pairs from sharp images, and unlabeled images.
+
+Conventions shared by every dataset here:
+
+* Images are 2D, single channel (RGB is averaged to grey); uint8, uint16 and float all work.
+* A pair is brought to REFERENCE units first: the sharp image's 0.1 / 99.9 percentiles map to
+  0 / 1 and the blurred image gets the same affine map (for synthetic pairs the sharp image is
+  normalised and then blurred, so they already share units). Validation PSNR/SSIM are measured in
+  these units, like the benchmark (SPEC section 8).
+* The network input is normalised the way inference will normalise it: by the BLURRED image's own
+  percentiles (``normalisation``, whole image, not the patch), and the target gets the same map, so
+  training teaches exactly the mapping inference asks for.
+* Samples are a pure function of ``(seed, index)``: ``dataset[i]`` always returns the same patch,
+  whatever the worker or process. The trainer walks an infinite index stream, so resuming at step
+  N only needs N (no data-loader state) and DistributedDataParallel ranks read disjoint indices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .normalisation import NormalisationConfig, normalise, percentile_range
+from .psf import defocus_psf
+from .synthesis import DefocusRange, add_camera_noise, blur, synthesize_depth
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read or is not a usable 2D image (the message names it)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as a numpy array (any dimensionality), naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(path)
+        elif suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            from skimage.io import imread
+
+            arr = imread(path)
+    except Exception as exc:  # every reader has its own exception types; name the file for all
+        raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "uif" or arr.size == 0:
+        raise ImageReadError(f"{path}: not a numeric image (dtype {arr.dtype}, shape {arr.shape})")
+    return arr
+
+
+def as_2d(arr: np.ndarray, name: str = "image") -> np.ndarray:
+    """Squeeze singleton axes and average RGB(A) to grey; anything else than 2D is an error."""
+    a = np.squeeze(np.asarray(arr))
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        a = a[..., :3].astype(np.float32).mean(axis=-1)
+    if a.ndim != 2:
+        raise ImageReadError(
+            f"{name}: expected a 2D image, got shape {np.shape(arr)}"
+            + (" (a z-stack? use a zstack data source)" if a.ndim == 3 else "")
+        )
+    if not np.all(np.isfinite(a)):
+        raise ImageReadError(f"{name}: contains NaN or Inf values")
+    return a
+
+
+def read_image_2d(path: str | os.PathLike) -> np.ndarray:
+    return as_2d(read_image(path), str(path))
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files in ``folder`` (sorted by name); an error names the folder if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageReadError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith("."))
+    if not files:
+        raise ImageReadError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Focus
+
+
+def focus_scores(stack: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Focus measure of every plane of a (Z, Y, X) stack: variance of the Laplacian of Gaussian.
+
+    The Gaussian pre-filter (``sigma`` px) matters: the raw Laplacian's variance is dominated by
+    pixel noise and picked the wrong plane on a real widefield stack (SPEC section 5). Planes are
+    scaled by the stack's common percentile range so the scores compare across planes.
+    """
+    from scipy.ndimage import gaussian_laplace
+
+    s = np.asarray(stack)
+    if s.ndim != 3:
+        raise ValueError(f"focus_scores needs a (Z, Y, X) stack, got shape {s.shape}")
+    lo, hi = percentile_range(s, 0.1, 99.9)
+    return np.array([float(np.var(gaussian_laplace(normalise(p, lo, hi), sigma))) for p in s])
+
+
+def best_focus_plane(stack: np.ndarray, sigma: float = 1.0) -> int:
+    return int(np.argmax(focus_scores(stack, sigma)))
+
+
+# --------------------------------------------------------------------------------------------
+# Patches and augmentation
+
+
+class PatchConfig(BaseModel):
+    """How training patches are cut and augmented."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(256, ge=8, description="patch side in pixels (a multiple of the model's size factor is fastest)")
+    flips: bool = Field(True, description="random flips and 90-degree rotations (the 8 symmetries of the square)")
+    scale: tuple[float, float] = Field((0.75, 1.25), description="random scaling range (1, 1 = off)")
+    normalisation: NormalisationConfig = Field(default_factory=NormalisationConfig)
+
+
+def _rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), int(stream)])
+
+
+def _crop_box(shape: tuple[int, int], side: int, rng: np.random.Generator) -> tuple[int, int]:
+    y = int(rng.integers(0, max(shape[0] - side, 0) + 1))
+    x = int(rng.integers(0, max(shape[1] - side, 0) + 1))
+    return y, x
+
+
+def _crop_reflect(img: np.ndarray, y: int, x: int, side: int) -> np.ndarray:
+    """``img[y:y+side, x:x+side]``, reflect-padded where the image is smaller than ``side``."""
+    crop = img[y : y + side, x : x + side]
+    if crop.shape != (side, side):
+        crop = np.pad(crop, ((0, side - crop.shape[0]), (0, side - crop.shape[1])), mode="symmetric")
+    return crop
+
+
+def _resize(img: np.ndarray, side: int) -> np.ndarray:
+    if img.shape == (side, side):
+        return img
+    from skimage.transform import resize
+
+    return resize(img, (side, side), order=1, anti_aliasing=img.shape[0] > side, preserve_range=True)
+
+
+def _dihedral(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    k = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+    out = []
+    for a in arrays:
+        a = np.rot90(a, k)
+        out.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
+    return out
+
+
+def reference_units(sharp: np.ndarray, blurred: np.ndarray | None = None,
+                    norm: NormalisationConfig | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Map ``sharp``'s percentiles to [0, 1] and apply the same map to ``blurred`` (float32)."""
+    norm = norm or NormalisationConfig()
+    lo, hi = percentile_range(sharp, norm.low, norm.high)
+    return normalise(sharp, lo, hi), None if blurred is None else normalise(blurred, lo, hi)
+
+
+def input_normalise(inp: np.ndarray, gt: np.ndarray | None, norm: NormalisationConfig) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
+    """Normalise ``inp`` by its own percentiles (as inference does) and ``gt`` by the same map."""
+    lo, hi = percentile_range(inp, norm.low, norm.high)
+    return normalise(inp, lo, hi), None if gt is None else normalise(gt, lo, hi), (lo, hi)
+
+
+@dataclass
+class Pair:
+    """A full-size training pair in reference units (float32, H x W)."""
+
+    inp: np.ndarray
+    gt: np.ndarray
+    name: str
+
+
+def _to_tensor(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
+
+
+class _Base:
+    """Common index-stream behaviour: ``len`` is the number of sources (images or pairs)."""
+
+    seed: int
+
+    def __len__(self) -> int:  # the number of distinct sources, not of patches
+        raise NotImplementedError
+
+
+class PairedPatches(_Base):
+    """Random augmented patches from in-memory pairs (any of the paired sources).
+
+    ``dataset[i]`` -> ``{"inp": (1, P, P), "gt": (1, P, P)}`` float32 tensors, both normalised by
+    the full input image's percentile range (computed once per image).
+    """
+
+    def __init__(self, pairs: Sequence[Pair], patch: PatchConfig, seed: int = 0) -> None:
+        if not pairs:
+            raise ValueError("no training pairs")
+        self.pairs = list(pairs)
+        self.patch = patch
+        self.seed = seed
+        self._ranges = [percentile_range(p.inp, patch.normalisation.low, patch.normalisation.high) for p in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, index)
+        k = int(rng.integers(len(self.pairs)))
+        pair = self.pairs[k]
+        lo, hi = self._ranges[k]
+        p = self.patch.size
+        s = float(rng.uniform(*self.patch.scale))
+        side = max(2, round(p / s))
+        y, x = _crop_box(pair.inp.shape, side, rng)
+        inp = _resize(_crop_reflect(pair.inp, y, x, side), p)
+        gt = _resize(_crop_reflect(pair.gt, y, x, side), p)
+        if self.patch.flips:
+            inp, gt = _dihedral([inp, gt], rng)
+        return {"inp": _to_tensor(normalise(inp, lo, hi)), "gt": _to_tensor(normalise(gt, lo, hi))}
+
+
+class SyntheticPatches(_Base):
+    """Synthetic defocus pairs made on the fly from sharp images (the default training source).
+
+    Per sample: pick an image, draw microscope settings from ``defocus`` (:class:`DefocusRange`)
+    and a random scale; take a CONTEXT window of the (scaled) image of up to ``context`` pixels
+    (the whole image when it is that small) around a random patch position; blur the window with
+    the physical PSF (optionally with per-object depths), add Poisson-Gaussian noise; normalise
+    by the noisy window's percentile range (what inference does with the whole image), cut the
+    patch and flip/rotate it. The window, not the patch, sets the normalisation: a 64 px patch of
+    background would otherwise be stretched to [0, 1] and teach the network the wrong intensities.
+    With ``labels`` and ``per_object_prob`` > 0, some samples give every labeled object its own
+    defocus (mask-based depth synthesis).
+    """
+
+    def __init__(self, sharp: Sequence[np.ndarray], patch: PatchConfig, defocus: DefocusRange | None = None,
+                 seed: int = 0, labels: Sequence[np.ndarray] | None = None, per_object_prob: float = 0.0,
+                 names: Sequence[str] | None = None, context: int = 768) -> None:
+        if not sharp:
+            raise ValueError("no sharp images for synthetic pairs")
+        self.images = [reference_units(as_2d(s, f"sharp image {i}"), norm=patch.normalisation)[0]
+                       for i, s in enumerate(sharp)]
+        self.names = list(names) if names is not None else [f"image {i}" for i in range(len(self.images))]
+        self.labels = None if labels is None else [np.asarray(lab) for lab in labels]
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.labels)} label images for {len(self.images)} sharp images")
+        self.patch = patch
+        self.defocus = defocus or DefocusRange()
+        self.seed = seed
+        self.per_object_prob = per_object_prob
+        self.context = max(context, patch.size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        from skimage.transform import resize
+
+        rng = _rng(self.seed, index)
+        k = int(rng.integers(len(self.images)))
+        img = self.images[k]
+        params, peak, read = self.defocus.sample(rng)
+        p = self.patch.size
+        s = float(rng.uniform(*self.patch.scale))
+        # Context window in source pixels (before scaling), then scaled to the training grid.
+        side_y = min(img.shape[0], max(2, round(self.context / s)))
+        side_x = min(img.shape[1], max(2, round(self.context / s)))
+        y0 = int(rng.integers(0, img.shape[0] - side_y + 1))
+        x0 = int(rng.integers(0, img.shape[1] - side_x + 1))
+        window = img[y0 : y0 + side_y, x0 : x0 + side_x].astype(np.float64)
+        out_shape = (max(p, round(side_y * s)), max(p, round(side_x * s)))
+        if window.shape != out_shape:
+            window = resize(window, out_shape, order=1, anti_aliasing=s < 1, preserve_range=True)
+        per_object = self.labels is not None and rng.random() < self.per_object_prob
+        if per_object:
+            lab = self.labels[k][y0 : y0 + side_y, x0 : x0 + side_x]
+            if lab.shape != out_shape:
+                lab = resize(lab, out_shape, order=0, preserve_range=True, anti_aliasing=False)
+            lab = lab.astype(np.int64)
+            ids = [int(i) for i in np.unique(lab) if i != 0]
+            # A few depth levels (each costs one blur), objects spread over them at random.
+            levels = 1.5 * params.defocus_um * rng.random(3)
+            per_label = {i: float(levels[rng.integers(3)]) for i in ids}
+            blurred, _ = synthesize_depth(window, lab, params, per_label, peak_photons=None)
+        else:
+            blurred = blur(window, defocus_psf(params))
+        if peak is not None:
+            blurred = add_camera_noise(blurred, peak, read, rng)
+        lo, hi = percentile_range(blurred, self.patch.normalisation.low, self.patch.normalisation.high)
+        y, x = _crop_box(blurred.shape, p, rng)
+        inp, gt = blurred[y : y + p, x : x + p], window[y : y + p, x : x + p]
+        if self.patch.flips:
+            inp, gt = _dihedral([inp, gt], rng)
+        return {"inp": _to_tensor(normalise(inp, lo, hi)), "gt": _to_tensor(normalise(gt, lo, hi))}
+
+
+class UnlabeledPatches(_Base):
+    """Patches of unlabeled (blurry) images for EFCRex: ``{"inp": (1, P, P)}``, each normalised by
+    its whole image's percentile range. Random flips/rotations; no scaling (the real blur's size
+    in pixels is what the model must adapt to)."""
+
+    def __init__(self, images: Sequence[np.ndarray], patch: PatchConfig, seed: int = 0) -> None:
+        if not images:
+            raise ValueError("no unlabeled images")
+        self.images = [as_2d(im, f"unlabeled image {i}") for i, im in enumerate(images)]
+        self.patch = patch
+        self.seed = seed
+        self._ranges = [percentile_range(im, patch.normalisation.low, patch.normalisation.high) for im in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, index, stream=1)
+        k = int(rng.integers(len(self.images)))
+        img = self.images[k]
+        p = self.patch.size
+        y, x = _crop_box(img.shape, p, rng)
+        patch = _crop_reflect(img, y, x, p)
+        if self.patch.flips:
+            (patch,) = _dihedral([patch], rng)
+        lo, hi = self._ranges[k]
+        return {"inp": _to_tensor(normalise(patch, lo, hi))}
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: folders and files -> in-memory pairs / images
+
+
+def _match_key(name: str, pattern: str | None) -> str:
+    if pattern is None:
+        return Path(name).stem
+    m = re.search(pattern, name)
+    return m.group(1) if m and m.groups() else (m.group(0) if m else "")
+
+
+def load_folder_pairs(blurred_dir: str | os.PathLike, sharp_dir: str | os.PathLike,
+                      match: str | None = None, exclude: Sequence[str] = ()) -> list[Pair]:
+    """Pairs from two folders whose files match by name (stem, or the regex ``match``'s group)."""
+    blurred = {_match_key(p.name, match): p for p in list_images(blurred_dir)}
+    sharp = {_match_key(p.name, match): p for p in list_images(sharp_dir)}
+    common = sorted(k for k in blurred.keys() & sharp.keys() if k and not any(e in k for e in exclude))
+    if not common:
+        raise ImageReadError(
+            f"no matching names between {blurred_dir} ({len(blurred)} images) and {sharp_dir} ({len(sharp)} images)"
+        )
+    pairs = []
+    for key in common:
+        b, s = read_image_2d(blurred[key]), read_image_2d(sharp[key])
+        if b.shape != s.shape:
+            raise ImageReadError(f"{blurred[key]} is {b.shape} but {sharp[key]} is {s.shape}")
+        g, i = reference_units(s, b)
+        pairs.append(Pair(inp=i, gt=g, name=key))
+    return pairs
+
+
+_PLANE_RE = re.compile(r"z_?(\d+)$", re.IGNORECASE)
+
+
+def plane_folders(root: str | os.PathLike) -> dict[int, Path]:
+    """``{plane number: folder}`` for subfolders named like ``z_00`` / ``..._z16`` (BBBC006)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImageReadError(f"plane folder root not found: {root}")
+    found = {}
+    for d in sorted(root.iterdir()):
+        m = _PLANE_RE.search(d.name)
+        if d.is_dir() and m:
+            found[int(m.group(1))] = d
+    if not found:
+        raise ImageReadError(f"{root}: no plane subfolders named like z_00 ... z_32")
+    return found
+
+
+def load_plane_pairs(root: str | os.PathLike, in_focus: int = 16, planes: Sequence[int] | None = None,
+                     match: str | None = None, exclude: Sequence[str] = ()) -> list[Pair]:
+    """BBBC006 layout: every chosen plane's images paired with the in-focus plane's (same names)."""
+    folders = plane_folders(root)
+    if in_focus not in folders:
+        raise ImageReadError(f"{root}: in-focus plane z_{in_focus:02d} not found (planes: {sorted(folders)})")
+    chosen = [z for z in (planes if planes is not None else sorted(folders)) if z != in_focus]
+    missing = [z for z in chosen if z not in folders]
+    if missing:
+        raise ImageReadError(f"{root}: planes {missing} not found (planes: {sorted(folders)})")
+    pairs = []
+    for z in chosen:
+        for pair in load_folder_pairs(folders[z], folders[in_focus], match, exclude):
+            pair.name = f"z{z:02d}/{pair.name}"
+            pairs.append(pair)
+    return pairs
+
+
+def load_zstack_pairs(path: str | os.PathLike, focus_plane: int | None = None, max_distance: int | None = None,
+                      sigma: float = 1.0) -> tuple[list[Pair], int]:
+    """Pairs from one (Z, Y, X) stack file: every plane vs the best-focus plane.
+
+    The focal plane is ``focus_plane`` or found with :func:`best_focus_plane`; planes farther than
+    ``max_distance`` from it are skipped. Returns ``(pairs, focal plane index)``.
+    """
+    stack = np.squeeze(read_image(path))
+    if stack.ndim != 3:
+        raise ImageReadError(f"{path}: expected a (Z, Y, X) stack, got shape {stack.shape}")
+    best = best_focus_plane(stack, sigma) if focus_plane is None else int(focus_plane)
+    if not 0 <= best < stack.shape[0]:
+        raise ImageReadError(f"{path}: focus_plane {best} outside 0..{stack.shape[0] - 1}")
+    pairs = []
+    for z in range(stack.shape[0]):
+        if z == best or (max_distance is not None and abs(z - best) > max_distance):
+            continue
+        g, i = reference_units(stack[best], stack[z])
+        pairs.append(Pair(inp=i, gt=g, name=f"{Path(path).stem}/z{z}"))
+    return pairs, best
+
+
+def load_images(source: str | os.PathLike | Sequence[str | os.PathLike], names: Sequence[str] | None = None,
+                exclude: Sequence[str] = ()) -> tuple[list[np.ndarray], list[str]]:
+    """Read 2D images from a folder (optionally only the given name stems) or a list of files."""
+    if isinstance(source, (str, os.PathLike)):
+        files = list_images(source)
+        if names is not None:
+            by_stem = {p.stem: p for p in files}
+            unknown = [n for n in names if n not in by_stem]
+            if unknown:
+                raise ImageReadError(f"{source}: no images named {unknown[:5]}")
+            files = [by_stem[n] for n in names]
+    else:
+        files = [Path(f) for f in source]
+    files = [f for f in files if not any(e in f.stem for e in exclude)]
+    if not files:
+        raise ImageReadError(f"no images left in {source} after excluding {list(exclude)}")
+    return [read_image_2d(f) for f in files], [f.stem for f in files]
+
+
+def synthetic_validation_pairs(sharp: Sequence[np.ndarray], names: Sequence[str], defocus_um: Sequence[float],
+                               psf_model: str = "scalar", na: float = 0.45, wavelength_um: float = 0.461,
+                               pixel_um: float = 0.645, peak_photons: float | None = 1000.0,
+                               read_sigma_photons: float = 3.0, crop: int | None = 256, seed: int = 0) -> list[Pair]:
+    """Fixed validation pairs with the benchmark's settings (SPEC section 8) at each defocus.
+
+    Each sharp image is normalised to [0, 1] by its own percentiles, blurred with the full
+    (automatically sized) PSF, made noisy with a seed per image and defocus (so every run
+    validates on identical inputs) and then centre-cropped to ``crop`` if given.
+    """
+    from .psf import PSFParams
+    from .synthesis import synthesize_defocus
+
+    pairs = []
+    for i, (img, name) in enumerate(zip(sharp, names)):
+        gt = reference_units(as_2d(img, name))[0]
+        for j, dz in enumerate(defocus_um):
+            params = PSFParams(model=psf_model, na=na, wavelength_um=wavelength_um, pixel_um=pixel_um, defocus_um=dz)
+            inp = synthesize_defocus(gt, params, peak_photons, read_sigma_photons, rng=np.random.default_rng([seed, i, j]))
+            pairs.append(Pair(inp=inp, gt=gt, name=f"{name}@{dz:g}um"))
+    # Blur the whole image, then crop: the crop's borders see real neighbours, not reflections.
+    return crop_pairs(pairs, crop)
+
+
+def crop_pairs(pairs: Sequence[Pair], crop: int | None) -> list[Pair]:
+    """Centre crops of validation pairs (None: unchanged)."""
+    if crop is None:
+        return list(pairs)
+    out = []
+    for p in pairs:
+        h, w = p.inp.shape
+        y0, x0 = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
+        out.append(Pair(inp=p.inp[y0 : y0 + crop, x0 : x0 + crop], gt=p.gt[y0 : y0 + crop, x0 : x0 + crop], name=p.name))
+    return out
+
+
+def ceil_to(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)

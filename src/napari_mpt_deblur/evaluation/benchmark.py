@@ -1,0 +1,614 @@
+"""Synthetic-defocus benchmark (SPEC section 8): PSNR, SSIM, StarDist AP and speed per method.
+
+For every sharp image and defocus value: normalise the sharp image by its 0.1 / 99.9 percentiles
+to [0, 1], blur it with the realistic widefield PSF (``data.psf``, scalar model, 20x / 0.45 NA air,
+0.461 um emission, 0.645 um pixels by default), add Poisson (peak 1000 photons) + Gaussian read
+noise (sigma 3 photons) with a seed derived from (seed, image name, defocus), then restore it with
+each method and compare with the sharp image:
+
+* ``input``: the blurred image itself;
+* ``rlN`` (``rl`` = ``rl30``): Richardson-Lucy with N iterations and the TRUE PSF (an oracle);
+* ``wiener``: Wiener filter with the true PSF, balance tuned per defocus on a few tuning images
+  (``wiener_tune_dir``, else the first benchmark images, said in the report); ``wiener:B`` uses B;
+* ``mpt:NAME`` / ``h2t:NAME`` / ``model:NAME``: a saved deblurring model (``models.registry``).
+
+StarDist (the project's shipped model unless another is named) segments the sharp image and every
+restored one; with ground-truth labels the matching is against them, otherwise against StarDist's
+segmentation of the sharp image (the table says which). Writes, atomically, into ``out_dir``:
+``summary.md``, ``summary.csv``, ``per_image.csv`` (rewritten after every image, so an
+interrupted run keeps what it finished), ``config.json``, ``benchmark.png`` (image grid) and
+``ap_vs_iou.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..io.atomic import write_text_atomic, write_with
+from .compare import rows_to_csv
+from .matching import IOU_CURVE, IOU_THRESHOLDS, MatchingReport, gap_recovered, match_labels, pool_counts
+
+IMAGE_SUFFIXES = (".tif", ".tiff")
+#: Below this blur-to-sharp mean-AP gap, "gap recovered" is reported as n/a: a ratio of two tiny,
+#: noisy differences says nothing (at 2 um the blur costs StarDist almost nothing).
+MIN_AP_GAP = 0.01
+OUTPUT_FILES = ("summary.md", "summary.csv", "per_image.csv", "config.json", "benchmark.png", "ap_vs_iou.png")
+
+
+class BenchmarkConfig(BaseModel):
+    """Everything that defines a benchmark run; saved as ``config.json`` beside the results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sharp_dir: Path
+    labels_dir: Path | None = None
+    #: File stems to use (``<stem>.tif``); None = every TIFF in ``sharp_dir``.
+    names: list[str] | None = None
+    max_images: int | None = Field(None, ge=1)
+    defocus_um: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0, 12.0], min_length=1)
+    na: float = 0.45
+    wavelength_um: float = 0.461
+    pixel_um: float = 0.645
+    immersion_index: float = 1.0
+    psf_model: Literal["scalar", "vectorial", "gibson_lanni", "pupil"] = "scalar"
+    peak_photons: float | None = 1000.0
+    read_sigma_photons: float = 3.0
+    seed: int = 0
+    norm_low: float = 0.1
+    norm_high: float = 99.9
+    methods: list[str] = Field(default_factory=lambda: ["input", "rl10", "rl30", "wiener"], min_length=1)
+    #: Where the Wiener tuning images are (default: ``sharp_dir``) and which (default: the first
+    #: ``wiener_tune_images`` TIFFs there, or of the benchmark's own images when no dir is given).
+    wiener_tune_dir: Path | None = None
+    wiener_tune_names: list[str] | None = None
+    wiener_tune_images: int = Field(3, ge=1)
+    stardist: bool = True
+    stardist_model: str | None = None
+    device: str = "auto"
+    #: Largest tile side for model inference (None: the inference engine's default for the device).
+    tile: int | None = Field(None, ge=16)
+    figure_crop: int = Field(256, ge=16)
+
+    @field_validator("defocus_um")
+    @classmethod
+    def _defocus_ok(cls, v: list[float]) -> list[float]:
+        if any(not math.isfinite(d) for d in v):
+            raise ValueError("defocus values must be finite numbers (um)")
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One restoration method of the benchmark. ``key`` is its label in the tables."""
+
+    key: str
+    kind: Literal["input", "rl", "wiener", "model"]
+    iterations: int = 0
+    balance: float | None = None
+    model: str | None = None
+    arch: str | None = None
+
+
+_MODEL_PREFIXES = {"mpt": "mpt", "h2t": "h2t_unet", "h2t_unet": "h2t_unet", "model": None}
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Parse a method name: ``input``, ``rl``, ``rlN``, ``wiener``, ``wiener:B``, ``mpt:M``, ``h2t:M``, ``model:M``."""
+    t = text.strip()
+    if t == "input":
+        return MethodSpec("input", "input")
+    if t == "rl":
+        return MethodSpec("rl30", "rl", iterations=30)
+    if m := re.fullmatch(r"rl(\d+)", t):
+        n = int(m.group(1))
+        if n < 1:
+            raise ValueError(f"method {t!r}: Richardson-Lucy needs at least 1 iteration")
+        return MethodSpec(t, "rl", iterations=n)
+    if t == "wiener":
+        return MethodSpec("wiener", "wiener")
+    if t.startswith("wiener:"):
+        try:
+            b = float(t.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"method {t!r}: expected wiener:BALANCE with a number") from None
+        if not b > 0:
+            raise ValueError(f"method {t!r}: the Wiener balance must be positive")
+        return MethodSpec(t, "wiener", balance=b)
+    prefix, sep, name = t.partition(":")
+    if sep and prefix in _MODEL_PREFIXES and name:
+        return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix])
+    raise ValueError(
+        f"unknown method {t!r}: use input, rl, rlN (e.g. rl10), wiener, wiener:BALANCE, mpt:MODEL, h2t:MODEL or model:MODEL"
+    )
+
+
+def parse_methods(texts: Sequence[str]) -> list[MethodSpec]:
+    """Parse and de-duplicate; ``input`` is always included (first): it is the blurred baseline."""
+    specs = [parse_method(t) for t in texts]
+    keys = [s.key for s in specs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"methods listed twice: {', '.join(dupes)}")
+    if "input" not in keys:
+        specs.insert(0, MethodSpec("input", "input"))
+    return specs
+
+
+class ModelRestorer:
+    """A saved deblurring model applied to a [0, 1]-like float image (H, W) -> (H, W) float32.
+
+    Runs through the inference engine (:class:`~napari_mpt_deblur.inference.Deblurrer`), exactly as
+    ``mpt-deblur predict`` does: the plane is scaled by the model's own normalisation (percentiles
+    of the blurred image), restored tile by tile with blending (the engine's default tile for the
+    device unless ``tile`` is given) and scaled back. A grey image given to a multi-channel model
+    is repeated over its channels and the first output channel is kept.
+    """
+
+    def __init__(self, name: str, device: str = "auto", arch: str | None = None, tile: int | None = None) -> None:
+        from ..inference import Deblurrer, InferenceSettings
+
+        self.engine = Deblurrer(name, InferenceSettings(device=device, tile=tile, output_dtype="float32"))
+        self.loaded = self.engine.loaded
+        self.device = self.engine.device
+        found = self.loaded.record.architecture.arch
+        if arch is not None and found != arch:
+            raise ValueError(f"model {name!r} is a {found} model, not {arch}; use {found.split('_')[0]}:{name} or model:{name}")
+
+    @property
+    def description(self) -> str:
+        r = self.loaded.record
+        tile, overlap, _ = self.engine.current_tile
+        return (f"{r.name} ({r.architecture.arch}/{r.architecture.preset}{'' if r.trained else ', UNTRAINED'}; "
+                f"tile {tile}, overlap {overlap})")
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        img = np.asarray(image, dtype=np.float32)
+        channels = self.engine.in_channels
+        if channels == 1:
+            return np.asarray(self.engine.deblur_plane(img), dtype=np.float32)
+        out = self.engine.deblur_plane(np.repeat(img[..., None], channels, axis=-1))
+        return np.asarray(out[..., 0], dtype=np.float32)
+
+
+Restorer = Callable[[np.ndarray], np.ndarray]
+
+
+def make_restorer(spec: MethodSpec, psf: np.ndarray, balance: float | None, models: dict[str, ModelRestorer]) -> Restorer:
+    from .classical import richardson_lucy, wiener
+
+    if spec.kind == "input":
+        return lambda img: np.asarray(img, dtype=np.float32)
+    if spec.kind == "rl":
+        return lambda img: richardson_lucy(img, psf, spec.iterations)
+    if spec.kind == "wiener":
+        assert balance is not None
+        return lambda img: wiener(img, psf, balance)
+    return models[spec.key]
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class BenchImage:
+    name: str
+    sharp01: np.ndarray  # (H, W) float64, 0.1/99.9 percentiles -> 0/1
+    labels: np.ndarray | None  # (H, W) int32 ground truth, or None
+
+
+def _read_plane(path: Path) -> np.ndarray:
+    import tifffile
+
+    arr = tifffile.imread(path)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and np.ptp(arr[..., :3].astype(np.int64), axis=-1).max() == 0:
+        arr = arr[..., 0]  # RGB(A) file holding a grey image
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: the benchmark needs 2D grey images, got shape {arr.shape}")
+    return arr
+
+
+def find_images(cfg: BenchmarkConfig) -> list[Path]:
+    folder = cfg.sharp_dir
+    if not folder.is_dir():
+        raise FileNotFoundError(f"sharp image folder {folder} does not exist")
+    if cfg.names is not None:
+        paths = []
+        for n in cfg.names:
+            hits = [folder / f"{n}{s}" for s in IMAGE_SUFFIXES if (folder / f"{n}{s}").is_file()]
+            if not hits:
+                raise FileNotFoundError(f"image {n!r} not found in {folder} (looked for {n}.tif / {n}.tiff)")
+            paths.append(hits[0])
+    else:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"no TIFF images in {folder}")
+    return paths[: cfg.max_images] if cfg.max_images else paths
+
+
+def load_image(path: Path, cfg: BenchmarkConfig, labels_dir: Path | None) -> BenchImage:
+    from ..data.normalisation import normalise, percentile_range
+
+    img = _read_plane(path)
+    lo, hi = percentile_range(img, cfg.norm_low, cfg.norm_high)
+    sharp01 = normalise(img, lo, hi).astype(np.float64)
+    labels = None
+    if labels_dir is not None:
+        lab_path = labels_dir / path.name
+        if not lab_path.is_file():
+            raise FileNotFoundError(f"ground-truth labels {lab_path} missing for image {path}")
+        labels = _read_plane(lab_path)
+        if labels.shape != img.shape:
+            raise ValueError(f"labels {lab_path} have shape {labels.shape}, image {path} has {img.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels {lab_path} must be an integer label image, got {labels.dtype}")
+        labels = labels.astype(np.int32)
+    return BenchImage(path.stem, sharp01, labels)
+
+
+def psf_params(cfg: BenchmarkConfig, defocus_um: float):
+    from ..data.psf import PSFParams
+
+    return PSFParams(
+        na=cfg.na, wavelength_um=cfg.wavelength_um, pixel_um=cfg.pixel_um, immersion_index=cfg.immersion_index,
+        defocus_um=float(defocus_um), model=cfg.psf_model,
+    )
+
+
+def noise_rng(seed: int, name: str, defocus_um: float, stream: int = 0) -> np.random.Generator:
+    """Seeded per (seed, image name, defocus): the same image gets the same noise in every run."""
+    return np.random.default_rng([seed, stream, zlib.crc32(name.encode()), round(defocus_um * 1000)])
+
+
+def degrade(img: BenchImage, cfg: BenchmarkConfig, defocus_um: float, stream: int = 0) -> np.ndarray:
+    from ..data.synthesis import synthesize_defocus
+
+    return synthesize_defocus(
+        img.sharp01, psf_params(cfg, defocus_um), peak_photons=cfg.peak_photons,
+        read_sigma_photons=cfg.read_sigma_photons, rng=noise_rng(cfg.seed, img.name, defocus_um, stream),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class BenchmarkResult:
+    out_dir: Path
+    per_image: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    wiener_balance: dict[float, float]
+    reference: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    existing = [f for f in OUTPUT_FILES if (out_dir / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds benchmark results ({', '.join(existing)}); choose another --out or pass --overwrite"
+        )
+
+
+def _tune_wiener(cfg: BenchmarkConfig, images: list[BenchImage], log: Callable[[str], None]) -> tuple[dict[float, float], str]:
+    from ..data.psf import defocus_psf
+    from .classical import tune_wiener_balance
+
+    if cfg.wiener_tune_dir is not None or cfg.wiener_tune_names is not None:
+        tune_dir = cfg.wiener_tune_dir or cfg.sharp_dir
+        tune_cfg = cfg.model_copy(update={"sharp_dir": tune_dir, "names": cfg.wiener_tune_names,
+                                          "max_images": cfg.wiener_tune_images})
+        tune_images = [load_image(p, cfg, None) for p in find_images(tune_cfg)]
+        source = f"{len(tune_images)} images of {tune_dir} ({', '.join(im.name for im in tune_images)})"
+    else:
+        tune_images = images[: cfg.wiener_tune_images]
+        source = (f"the first {len(tune_images)} benchmark images ({', '.join(im.name for im in tune_images)}; "
+                  "tuning on other images is fairer: --wiener-tune)")
+    overlap = {im.name for im in tune_images} & {im.name for im in images}
+    if overlap and (cfg.wiener_tune_dir is not None or cfg.wiener_tune_names is not None):
+        log(f"WARNING: Wiener tuning images are also benchmark images: {', '.join(sorted(overlap))}")
+    balances = {}
+    for d in cfg.defocus_um:
+        psf = defocus_psf(psf_params(cfg, d))
+        blurred = [degrade(im, cfg, d, stream=1) for im in tune_images]  # other noise than the benchmark's
+        best, scores = tune_wiener_balance(blurred, [im.sharp01 for im in tune_images], psf)
+        balances[d] = best
+        log(f"wiener balance at {d:g} um: {best:.4g} (mean PSNR {scores[best]:.2f} dB on {len(tune_images)} tuning images)")
+    return balances, source
+
+
+def run_benchmark(
+    cfg: BenchmarkConfig,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> BenchmarkResult:
+    """Run the benchmark described by ``cfg`` and write its tables and figures into ``out_dir``."""
+    from ..data.psf import defocus_psf
+    from ..inference.devices import tune_cpu_allocator
+    from .metrics import psnr, ssim
+
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    specs = parse_methods(cfg.methods)
+    paths = find_images(cfg)
+    tune_cpu_allocator()
+
+    segmenter = None
+    stardist_info: dict[str, Any] | None = None
+    if cfg.stardist:
+        from .stardist_runner import load_stardist, segment
+
+        sd_model = load_stardist(cfg.stardist_model)
+        log(f"StarDist: {sd_model.source.describe()}")
+        stardist_info = {"model": sd_model.source.describe(), "thresholds": sd_model.thresholds,
+                         "normalisation": "csbdeep normalize(img, 1, 99.8) per image"}
+
+        def segmenter(img: np.ndarray) -> np.ndarray:
+            return segment(img, sd_model)
+
+    models = {s.key: ModelRestorer(s.model, cfg.device, s.arch, cfg.tile) for s in specs if s.kind == "model"}
+    for key, m in models.items():
+        log(f"{key}: {m.description} on {m.device}")
+
+    images = [load_image(p, cfg, cfg.labels_dir) for p in paths]
+    has_labels = cfg.labels_dir is not None
+    reference = "ground-truth labels" if has_labels else "StarDist on the sharp image (no ground-truth labels given)"
+    log(f"{len(images)} images from {cfg.sharp_dir}; defocus {cfg.defocus_um} um; methods {[s.key for s in specs]}")
+
+    needs_tuning = any(s.kind == "wiener" and s.balance is None for s in specs)
+    balances, tune_source = _tune_wiener(cfg, images, log) if needs_tuning else ({}, "")
+    psfs = {d: defocus_psf(psf_params(cfg, d)) for d in cfg.defocus_um}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"summary_md": out_dir / "summary.md", "summary_csv": out_dir / "summary.csv",
+             "per_image": out_dir / "per_image.csv", "config": out_dir / "config.json",
+             "benchmark": out_dir / "benchmark.png", "ap_vs_iou": out_dir / "ap_vs_iou.png"}
+    _write_config(files["config"], cfg, specs, balances, tune_source, reference, models, stardist_info)
+
+    per_image: list[dict[str, Any]] = []
+    reports: dict[tuple[float | None, str], list[MatchingReport]] = {}
+    figure_tiles: dict[tuple[float | None, str], np.ndarray] = {}
+    for i, im in enumerate(images):
+        t_img = time.perf_counter()
+        ref_labels = im.labels
+        sharp_row: dict[str, Any] = {"image": im.name, "defocus_um": "", "method": "sharp", "psnr": math.inf, "ssim": 1.0,
+                                     "seconds": 0.0, "megapixels": im.sharp01.size / 1e6}
+        if segmenter is not None:
+            sharp_labels = segmenter(im.sharp01)
+            if ref_labels is None:
+                ref_labels = sharp_labels
+            sharp_row["n_objects"] = int(len(np.unique(sharp_labels)) - 1)
+            rep = match_labels(ref_labels, sharp_labels, IOU_CURVE)
+            sharp_row.update(rep.as_row())
+            reports.setdefault((None, "sharp"), []).append(rep)
+        per_image.append(sharp_row)
+        if i == 0:
+            figure_tiles[(None, "sharp")] = im.sharp01
+        for d in cfg.defocus_um:
+            blurred = degrade(im, cfg, d)
+            for spec in specs:
+                restore = make_restorer(spec, psfs[d], spec.balance if spec.balance is not None else balances.get(d), models)
+                t0 = time.perf_counter()
+                restored = np.asarray(restore(blurred), dtype=np.float32)
+                seconds = time.perf_counter() - t0 if spec.kind != "input" else 0.0
+                row = {"image": im.name, "defocus_um": d, "method": spec.key, "psnr": psnr(restored, im.sharp01),
+                       "ssim": ssim(restored, im.sharp01), "seconds": seconds, "megapixels": restored.size / 1e6}
+                if segmenter is not None:
+                    labels = segmenter(restored)
+                    row["n_objects"] = int(len(np.unique(labels)) - 1)
+                    rep = match_labels(ref_labels, labels, IOU_CURVE)
+                    row.update(rep.as_row())
+                    reports.setdefault((d, spec.key), []).append(rep)
+                per_image.append(row)
+                if i == 0:
+                    figure_tiles[(d, spec.key)] = restored
+        log(f"[{i + 1}/{len(images)}] {im.name}: {time.perf_counter() - t_img:.1f} s")
+        rows_to_csv(files["per_image"], per_image)
+
+    summary = summarise(per_image, reports, cfg.defocus_um, [s.key for s in specs])
+    rows_to_csv(files["summary_csv"], summary)
+    write_text_atomic(files["summary_md"], summary_markdown(summary, cfg, specs, balances, tune_source, reference,
+                                                            len(images), models, stardist_info))
+    _image_grid(files["benchmark"], figure_tiles, cfg, [s.key for s in specs], images[0].name)
+    if segmenter is not None:
+        _ap_plot(files["ap_vs_iou"], reports, cfg.defocus_um, [s.key for s in specs], reference)
+    else:
+        files.pop("ap_vs_iou")
+    for f in files.values():
+        log(f"wrote {f}")
+    return BenchmarkResult(out_dir, per_image, summary, balances, reference, files)
+
+
+def summarise(
+    per_image: list[dict[str, Any]],
+    reports: dict[tuple[float | None, str], list[MatchingReport]],
+    defocus: Sequence[float],
+    methods: Sequence[str],
+) -> list[dict[str, Any]]:
+    """One row per (defocus, method) plus one for the sharp images: means, pooled AP, gap recovered."""
+    rows = []
+
+    def pooled(key) -> dict[str, float]:
+        if key not in reports:
+            return {}
+        rep = pool_counts(reports[key])
+        return {f"ap@{t:g}": rep.at(t).ap for t in IOU_THRESHOLDS} | {"mean_ap": rep.mean_ap}
+
+    sharp = pooled((None, "sharp"))
+    sharp_counts = [r["n_objects"] for r in per_image if r["method"] == "sharp" and "n_objects" in r]
+    rows.append({"defocus_um": "", "method": "sharp", "images": sum(r["method"] == "sharp" for r in per_image),
+                 "psnr": math.inf, "ssim": 1.0, **sharp, "ap_gap_recovered": 1.0 if sharp else "",
+                 "n_objects": float(np.mean(sharp_counts)) if sharp_counts else "", "sec_per_mp": ""})
+    for d in defocus:
+        base = pooled((d, "input"))
+        for m in methods:
+            sel = [r for r in per_image if r["method"] == m and r["defocus_um"] == d]
+            ap = pooled((d, m))
+            gap = gap_recovered(ap["mean_ap"], base["mean_ap"], sharp["mean_ap"], MIN_AP_GAP) if ap and base and sharp else ""
+            mp = sum(r["megapixels"] for r in sel)
+            counts = [r["n_objects"] for r in sel if "n_objects" in r]
+            rows.append({
+                "defocus_um": d, "method": m, "images": len(sel),
+                "psnr": float(np.mean([r["psnr"] for r in sel])), "ssim": float(np.mean([r["ssim"] for r in sel])),
+                **ap, "ap_gap_recovered": gap, "n_objects": float(np.mean(counts)) if counts else "",
+                "sec_per_mp": (sum(r["seconds"] for r in sel) / mp) if m != "input" and mp else "",
+            })
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_config(path: Path, cfg: BenchmarkConfig, specs, balances, tune_source, reference, models, stardist_info) -> None:
+    import sys
+
+    from .._version import __version__
+
+    record = {
+        "config": json.loads(cfg.model_dump_json()),
+        "methods": [s.__dict__ for s in specs],
+        "wiener_balance": {str(k): v for k, v in balances.items()},
+        "wiener_tuned_on": tune_source,
+        "matching_reference": reference,
+        "stardist": stardist_info,
+        "models": {k: m.engine.metadata() for k, m in models.items()},
+        "package_version": __version__,
+        "python": sys.version.split()[0],
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+    }
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if v == "" or v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "∞"
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def summary_markdown(summary, cfg: BenchmarkConfig, specs, balances, tune_source, reference, n_images, models,
+                     stardist_info: dict[str, Any] | None) -> str:
+    with_ap = stardist_info is not None
+    noise = ("no noise" if cfg.peak_photons is None else
+             f"Poisson noise at {cfg.peak_photons:g} photons peak + Gaussian read noise sigma "
+             f"{cfg.read_sigma_photons:g} photons, seed {cfg.seed}")
+    setup = (f"{n_images} images from `{cfg.sharp_dir}`; {cfg.psf_model} PSF, NA {cfg.na}, emission "
+             f"{cfg.wavelength_um} um, pixel {cfg.pixel_um} um, immersion n = {cfg.immersion_index}; {noise}. "
+             f"Sharp images normalised by their {cfg.norm_low}/{cfg.norm_high} percentiles to [0, 1]; "
+             "PSNR and SSIM with data range 1.")
+    lines = ["# Defocus benchmark", "", setup, ""]
+    if with_ap:
+        ap_note = (f"StarDist AP = TP / (TP + FP + FN) at each IoU, counts pooled over images, against {reference}; "
+                   "mean AP = mean of AP at IoU 0.5, 0.7, 0.9 (the MPT paper's Table 6). Gap recovered = "
+                   "(mean AP - input mean AP) / (sharp mean AP - input mean AP); n/a when the blur costs less than "
+                   f"{MIN_AP_GAP} mean AP.")
+        lines += [ap_note, "", f"StarDist: {stardist_info['model']}, thresholds {stardist_info['thresholds']}.", ""]
+    if balances:
+        lines += ["Wiener balance (tuned per defocus on " + tune_source + "): "
+                  + ", ".join(f"{d:g} um: {b:.3g}" for d, b in balances.items()), ""]
+    for s in specs:
+        if s.kind == "model":
+            lines += [f"`{s.key}`: {models[s.key].description}"]
+    if any(s.kind == "model" for s in specs):
+        lines += [""]
+    lines += ["RL and Wiener use the TRUE PSF (an oracle no real user has).", ""]
+    head = ["defocus (um)", "method", "PSNR (dB)", "SSIM"]
+    if with_ap:
+        head += ["AP@0.5", "AP@0.7", "AP@0.9", "mean AP", "gap recovered", "objects"]
+    head += ["s / MP"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        cells = [_fmt(r["defocus_um"], 0) if r["defocus_um"] != "" else "sharp", r["method"], _fmt(r["psnr"], 2), _fmt(r["ssim"], 4)]
+        if with_ap:
+            cells += [_fmt(r.get("ap@0.5", ""), 4), _fmt(r.get("ap@0.7", ""), 4), _fmt(r.get("ap@0.9", ""), 4),
+                      _fmt(r.get("mean_ap", ""), 4), _fmt(r.get("ap_gap_recovered", ""), 2), _fmt(r.get("n_objects", ""), 1)]
+        cells += [_fmt(r["sec_per_mp"], 2)]
+        if r["defocus_um"] != "":
+            cells[0] = f"{r['defocus_um']:g}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    write_with(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _image_grid(path: Path, tiles: dict, cfg: BenchmarkConfig, methods: Sequence[str], name: str) -> None:
+    """Rows: defocus values; columns: sharp, then each method; a centre crop of the first image."""
+    plt = _pyplot()
+    sharp = tiles[(None, "sharp")]
+    c = min(cfg.figure_crop, *sharp.shape)
+    y0, x0 = (sharp.shape[0] - c) // 2, (sharp.shape[1] - c) // 2
+    crop = (slice(y0, y0 + c), slice(x0, x0 + c))
+    rows, cols = len(cfg.defocus_um), len(methods) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows + 0.4), squeeze=False)
+    for r, d in enumerate(cfg.defocus_um):
+        for col, key in enumerate(["sharp", *methods]):
+            ax = axes[r, col]
+            img = sharp if key == "sharp" else tiles[(d, key)]
+            ax.imshow(img[crop], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(key, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{d:g} um", fontsize=9)
+    fig.suptitle(f"{name}: centre {c} x {c} px crop, display range [0, 1] of the sharp image", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _ap_plot(path: Path, reports: dict, defocus: Sequence[float], methods: Sequence[str], reference: str) -> None:
+    plt = _pyplot()
+    n = len(defocus)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False, sharey=True)
+    sharp = pool_counts(reports[(None, "sharp")])
+    for ax, d in zip(axes[0], defocus):
+        ax.plot(IOU_CURVE, [sharp.at(t).ap for t in IOU_CURVE], "k--", label="sharp")
+        for m in methods:
+            rep = pool_counts(reports[(d, m)])
+            ax.plot(IOU_CURVE, [rep.at(t).ap for t in IOU_CURVE], marker=".", label=m)
+        ax.set_title(f"defocus {d:g} um", fontsize=10)
+        ax.set_xlabel("IoU threshold")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("StarDist AP = TP / (TP + FP + FN)")
+    axes[0, -1].legend(fontsize=8)
+    fig.suptitle(f"AP vs IoU, against {reference}", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)

@@ -1,0 +1,388 @@
+"""Read and write images for the inference engine: TIFF (incl. LZW) and zarr / OME-Zarr.
+
+* :func:`read_image` opens a file lazily (pages or chunks are read when a plane is needed) and
+  reports its axes: given by the caller, read from the file (tifffile's series axes, OME-Zarr
+  ``multiscales`` axes, this package's own ``mpt_deblur`` attributes), or guessed for 2D/3D arrays.
+* :func:`write_tiff_pages` writes a TIFF from an iterator of planes, atomically, with the axes and
+  a JSON metadata dict in the ImageDescription (tifffile "shaped" metadata).
+* :class:`ZarrOutput` creates a zarr store marked incomplete, takes planes, and marks it complete
+  (and writes OME-Zarr multiscales metadata) only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..inference.axes import guess_axes, normalise_axes
+from .atomic import write_with
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+#: Attribute key of this package's provenance/status record in zarr outputs.
+STATUS_KEY = "mpt_deblur"
+
+
+@dataclass
+class ImageSource:
+    """A lazily opened image: ``data`` (dask array), ``axes`` and where they came from."""
+
+    data: Any
+    axes: str
+    axes_from: str  # "given", "file" or "guessed"
+    path: Path | None = None
+    scale: tuple[float, ...] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data.dtype)
+
+
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.suffix.lower() == ".zarr" or (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS))
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """``"tiff"`` or ``"zarr"`` from an output path's suffix; ValueError otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    if suffix == ".zarr":
+        return "zarr"
+    raise ValueError(f"unsupported output {path}: use a .tif/.tiff file or a .zarr store")
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool, input_path: str | os.PathLike | None = None) -> None:
+    """Refuse to write over an existing output (unless ``overwrite``) or over the input itself."""
+    out = Path(out)
+    if input_path is not None and out.resolve() == Path(input_path).resolve():
+        raise ValueError(f"output {out} is the input file; choose another output path")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; choose another path or pass overwrite (--overwrite)")
+
+
+def _remove_existing(out: Path) -> None:
+    """Delete an output we were told to overwrite; refuse directories that are not zarr stores."""
+    if not out.exists():
+        return
+    if out.is_dir():
+        if not any((out / m).exists() for m in ZARR_MARKERS):
+            raise ValueError(f"refusing to overwrite {out}: it is a directory but not a zarr store")
+        shutil.rmtree(out)
+    else:
+        out.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_image(path: str | os.PathLike, axes: str | None = None, model_channels: int = 1,
+               allow_incomplete: bool = False) -> ImageSource:
+    """Open a TIFF or zarr image lazily. Raises FileNotFoundError / ValueError with the path in the message."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        src = _read_tiff(path)
+    elif is_zarr_path(path):
+        src = _read_zarr(path, allow_incomplete)
+    else:
+        raise ValueError(f"unsupported input {path}: expected a .tif/.tiff file or a zarr store")
+    if axes is not None:
+        axes = normalise_axes(axes)
+        if len(axes) != src.data.ndim:
+            raise ValueError(
+                f"--axes {axes} has {len(axes)} letters but {path} has {src.data.ndim} dimensions "
+                f"(shape {tuple(src.data.shape)}; axes in the file: {src.axes or 'none'})"
+            )
+        src.axes, src.axes_from = axes, "given"
+    elif not src.axes:
+        try:
+            src.axes, src.axes_from = guess_axes(tuple(src.data.shape), model_channels), "guessed"
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    if src.scale is not None and len(src.scale) != src.data.ndim:
+        src.scale = None
+    return src
+
+
+_TIFF_HANDLES: dict[str, Any] = {}
+_TIFF_LOCK = threading.Lock()
+
+
+class TiffPlanes:
+    """Array-like view of a TIFF series that reads only the pages a slice needs (picklable).
+
+    The first ``len(shape) - page_ndim`` axes enumerate pages; the rest are inside a page.
+    """
+
+    def __init__(self, path: str, series: int, shape: tuple[int, ...], dtype: np.dtype, page_ndim: int) -> None:
+        self.path = str(path)
+        self.series = series
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.page_ndim = page_ndim
+        n_lead = self.ndim - page_ndim
+        self.chunks = (1,) * n_lead + self.shape[n_lead:]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def _handle(self):
+        import tifffile
+
+        tif = _TIFF_HANDLES.get(self.path)
+        if tif is None or tif.filehandle.closed:
+            tif = tifffile.TiffFile(self.path)
+            _TIFF_HANDLES[self.path] = tif
+        return tif
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        n_lead = self.ndim - self.page_ndim
+        lead_shape = self.shape[:n_lead]
+        ranges, squeeze = [], []
+        for k, s in zip(key[:n_lead], lead_shape):
+            if isinstance(k, slice):
+                ranges.append(range(*k.indices(s)))
+                squeeze.append(False)
+            else:
+                ranges.append(range(int(k), int(k) + 1))
+                squeeze.append(True)
+        counts = [len(r) for r in ranges]
+        grids = np.meshgrid(*[np.asarray(r) for r in ranges], indexing="ij") if ranges else []
+        flat = np.ravel_multi_index([g.ravel() for g in grids], lead_shape) if ranges else np.array([0])
+        with _TIFF_LOCK:
+            tif = self._handle()
+            pages = [np.asarray(tif.asarray(key=int(i), series=self.series))[key[n_lead:]] for i in flat]
+        inner = pages[0].shape if pages else ()
+        out = np.stack(pages).reshape(tuple(counts) + inner) if pages else np.empty(tuple(counts), self.dtype)
+        drop = tuple(i for i, sq in enumerate(squeeze) if sq)
+        return out.squeeze(axis=drop) if drop else out
+
+
+def _read_tiff(path: Path) -> ImageSource:
+    import dask.array as da
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable TIFF ({exc})") from exc
+    with tif:
+        if not tif.series:
+            raise ValueError(f"{path}: the TIFF holds no image series")
+        series = tif.series[0]
+        shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+        page_shape = tuple(series.keyframe.shape)
+        n_pages = len(series.pages)
+        meta: dict[str, Any] = {}
+        if tif.shaped_metadata:
+            meta = dict(tif.shaped_metadata[0])
+        compression = str(series.keyframe.compression.name) if hasattr(series.keyframe.compression, "name") else ""
+    if 0 in shape:
+        raise ValueError(f"{path}: the image is empty (shape {shape})")
+    page_ndim = len(page_shape)
+    lead = shape[: len(shape) - page_ndim]
+    lazy_ok = shape[len(shape) - page_ndim:] == page_shape and math.prod(lead) == n_pages
+    if lazy_ok:
+        data = da.from_array(TiffPlanes(str(path), 0, shape, dtype, page_ndim), chunks=(1,) * len(lead) + page_shape,
+                             asarray=True, name=f"tiff-{path.name}-" + _file_token(path))
+    else:  # unusual page layouts: read the series eagerly
+        data = da.from_array(tifffile.imread(path, series=0))
+    meta["compression"] = compression
+    return ImageSource(data=data, axes=axes.upper(), axes_from="file", path=path, metadata=meta)
+
+
+def _file_token(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _ome_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    return attrs.get("ome", attrs) if isinstance(attrs.get("ome"), dict) else attrs
+
+
+def _read_zarr(path: Path, allow_incomplete: bool) -> ImageSource:
+    import dask.array as da
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for "not a store"
+        raise ValueError(f"{path}: not a readable zarr store ({exc})") from exc
+    axes, scale = "", None
+    meta: dict[str, Any] = {}
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        status = attrs.get(STATUS_KEY)
+        if isinstance(status, dict) and status.get("complete") is False and not allow_incomplete:
+            raise ValueError(
+                f"{path} is an incomplete mpt-deblur output ({status.get('planes_done', '?')} of "
+                f"{status.get('planes_total', '?')} planes written; the write was {status.get('state', 'interrupted')}); "
+                "delete it or write it again with overwrite"
+            )
+        ome = _ome_attrs(attrs)
+        multiscales = ome.get("multiscales")
+        if multiscales:
+            ms = multiscales[0]
+            ds = ms["datasets"][0]
+            arr = node[ds["path"]]
+            axes = "".join((a["name"] if isinstance(a, dict) else str(a)) for a in ms.get("axes", [])).upper()
+            for t in ds.get("coordinateTransformations", []):
+                if t.get("type") == "scale":
+                    scale = tuple(float(v) for v in t["scale"])
+        elif isinstance(status, dict) and "0" in node:
+            arr, axes = node["0"], str(status.get("axes", ""))
+        else:
+            names = sorted(node.array_keys())
+            if len(names) != 1:
+                raise ValueError(
+                    f"{path}: a zarr group with {len(names)} arrays ({', '.join(names) or 'none'}) and no OME-Zarr "
+                    "metadata; pass the array's own path (e.g. store.zarr/0)"
+                )
+            arr = node[names[0]]
+        if isinstance(status, dict):
+            meta[STATUS_KEY] = status
+    else:
+        arr = node
+        dims = dict(arr.attrs).get("_ARRAY_DIMENSIONS") or getattr(arr.metadata, "dimension_names", None)
+        if dims and all(isinstance(d, str) and len(d) == 1 for d in dims):
+            axes = "".join(dims).upper()
+    if axes and len(axes) != arr.ndim:
+        axes = ""
+    if 0 in arr.shape:
+        raise ValueError(f"{path}: the image is empty (shape {tuple(arr.shape)})")
+    data = da.from_zarr(arr)
+    return ImageSource(data=data, axes=axes, axes_from="file" if axes else "guessed", path=path, scale=scale,
+                       metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` round-tripped through JSON (non-serialisable values become strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def write_tiff_pages(out: str | os.PathLike, pages: Iterable[np.ndarray], *, shape: tuple[int, ...], dtype: Any,
+                     axes: str, metadata: dict[str, Any], rgb: bool = False, compression: str | None = "zlib") -> None:
+    """Write planes (each (Y, X), or (Y, X, S) for RGB) as TIFF pages, atomically.
+
+    ``metadata`` is stored under ``"mpt_deblur"`` in the JSON ImageDescription next to ``"axes"``;
+    read it back with ``tifffile.TiffFile(out).shaped_metadata[0]``. If ``pages`` raises, the
+    partial file is removed and the exception propagates.
+    """
+    import tifffile
+
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    meta = {"axes": axes, STATUS_KEY: json_safe(metadata)}
+
+    def writer(tmp: Path) -> None:
+        tifffile.imwrite(tmp, iter(pages), shape=shape, dtype=dtype, photometric="rgb" if rgb else "minisblack",
+                         planarconfig="contig" if rgb else None, metadata=meta, compression=compression,
+                         bigtiff=nbytes > 2**32 - 2**25)
+
+    write_with(out, writer)
+
+
+class ZarrOutput:
+    """A zarr store being written plane by plane; see :meth:`create` and :meth:`finish`.
+
+    Layout: a group at ``path`` with the array ``"0"`` and group attributes
+    ``mpt_deblur = {"complete": False, "state": "writing", "planes_done": k, "planes_total": n,
+    "axes": ..., model and settings...}``. Float outputs are filled with NaN until written, so an
+    unwritten plane of an interrupted store is visibly missing.
+    """
+
+    def __init__(self, path: Path, group: Any, array: Any, status: dict[str, Any], scale: tuple[float, ...] | None):
+        self.path = path
+        self.group = group
+        self.array = array
+        self.status = status
+        self.scale = scale
+
+    @property
+    def planes_done(self) -> int:
+        return int(self.status["planes_done"])
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, shape: tuple[int, ...], dtype: Any, axes: str,
+               chunks: tuple[int, ...], metadata: dict[str, Any], planes_total: int, overwrite: bool = False,
+               scale: tuple[float, ...] | None = None) -> ZarrOutput:
+        import zarr
+
+        path = Path(path)
+        check_output(path, overwrite=overwrite)
+        if overwrite:
+            _remove_existing(path)
+        dtype = np.dtype(dtype)
+        status = {"complete": False, "state": "writing", "planes_done": 0, "planes_total": int(planes_total),
+                  "axes": axes, **json_safe(metadata)}
+        # The incomplete marker is written with the group, before any data.
+        group = zarr.open_group(str(path), mode="w-", attributes={STATUS_KEY: status})
+        fill = float("nan") if np.issubdtype(dtype, np.floating) else 0
+        array = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+        return cls(path, group, array, status, scale)
+
+    def _save_status(self) -> None:
+        self.group.attrs[STATUS_KEY] = self.status
+
+    def write(self, region: tuple[slice, ...], block: np.ndarray) -> None:
+        """Write one restored plane (as a block in the array's axis order) and count it."""
+        self.array[region] = block
+        self.status["planes_done"] += 1
+        self._save_status()
+
+    def mark_stopped(self, state: str) -> None:
+        self.status["state"] = state
+        self._save_status()
+
+    def finish(self, final_metadata: dict[str, Any] | None = None) -> None:
+        """Write OME-Zarr multiscales metadata (when the axes allow it) and flip ``complete`` to True."""
+        if final_metadata:
+            for key in ("fallbacks", "tile_in_use"):
+                if key in final_metadata:
+                    self.status[key] = json_safe(final_metadata[key])
+        self.status["ome"] = _write_ome_metadata(self.group, self.status["axes"], self.array.ndim, self.scale)
+        self.status.update(complete=True, state="complete")
+        self._save_status()
+
+
+def _write_ome_metadata(group: Any, axes: str, ndim: int, scale: tuple[float, ...] | None) -> str:
+    """OME-Zarr multiscales for dataset "0"; returns "written" or why not (e.g. axes OME cannot express)."""
+    try:
+        from ome_zarr.writer import write_multiscales_metadata
+    except ImportError:
+        return "not written: ome-zarr is not installed"
+    names = [("c" if a in "CS" else a.lower()) for a in axes]
+    if any(n not in "tczyx" for n in names):
+        return f"not written: axes {axes} are not OME-Zarr axes (t, c, z, y, x)"
+    transform = [{"type": "scale", "scale": list(scale) if scale else [1.0] * ndim}]
+    try:
+        write_multiscales_metadata(group, datasets=[{"path": "0", "coordinateTransformations": transform}], axes=names)
+    except (ValueError, TypeError, KeyError) as exc:
+        return f"not written: {exc}"
+    return "written"

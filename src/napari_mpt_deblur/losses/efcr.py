@@ -1,0 +1,247 @@
+"""Extended Frequency Contrastive Regularization (EFCR, EFCRex) with real gradients (SPEC section 4).
+
+Notation (per sample i, all distances are mean absolute differences):
+
+* basic CR: ``L+ = |f_l(O) - f_l(GT)| + |f_h(O) - f_h(GT)|``, ``L- = |f_h(O) - f_h(I_in)|``;
+* extended CR: ``B_in`` = ``I_in`` Gaussian-blurred with a random kernel size in {3, 5, 7},
+  ``B_out = net(B_in)``, ``L_ext = |f_h(B_out) - f_h(B_in)| / |f_h(I_in) - f_h(B_in)|``;
+* EFCR objective: ``L = L1(O, GT) + beta * mean_i(L+_i / (L-_i + L_ext_i))``.
+* EFCRex, labeled extra pairs (I_in', GT'): the ratio is built from the extra batch only, on the
+  high bands: ``L+' = |f_h(O') - f_h(GT')|``, ``L-' = |f_h(O') - f_h(I_in')|``, ``L_ext'`` from
+  the reblurred extra inputs; the pixel loss stays on the main batch.
+* EFCRex, unlabeled extra images U: ``L+`` and ``L-`` from the labeled batch, ``L_ext'`` from U
+  (``B_in' = reblur(U)``, ``B_out' = net(B_in')``), sample i of one batch paired with sample i of
+  the other. This is the napari fine-tune.
+
+Unlike the authors' public code, which computes the CR term under ``torch.no_grad()`` (so it
+never trains anything), every term here carries gradients. The network runs ONCE per step on the
+concatenation of all inputs that need it (main, extra, reblurred), so the extended pass costs a
+bigger batch rather than a second call, and DistributedDataParallel sees one forward per
+backward. ``extended_grad=False`` runs the reblurred inputs in a separate no-grad pass instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .haar import high, low_high
+from .multiscale import multiscale_l1
+
+
+class EFCRConfig(BaseModel):
+    """Settings of the contrastive regulariser."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Weight of the contrastive ratio (paper: 1e-5). 0 disables EFCR (plain L1 training).
+    beta: float = Field(1e-5, ge=0.0)
+    #: Include the extended CR (reblur + second pass) in the denominator.
+    extended: bool = True
+    #: Let gradients flow through the extended pass B_out = net(B_in) (costs a bigger batch).
+    extended_grad: bool = True
+    #: Odd Gaussian kernel sizes the reblur picks from, uniformly, per sample.
+    reblur_kernel_sizes: tuple[int, ...] = (3, 5, 7)
+    #: Keeps the ratios finite for inputs with no high-frequency content at all.
+    eps: float = Field(1e-6, gt=0.0)
+
+    @field_validator("reblur_kernel_sizes")
+    @classmethod
+    def _odd(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(k < 3 or k % 2 == 0 for k in value):
+            raise ValueError(f"reblur_kernel_sizes must be odd sizes >= 3, got {value}")
+        return value
+
+
+def reblur_sigma(kernel_size: int) -> float:
+    """Gaussian sigma for a kernel size, as OpenCV chooses it for ``sigma=0`` (0.8 / 1.1 / 1.4 px)."""
+    return 0.3 * ((kernel_size - 1) * 0.5 - 1.0) + 0.8
+
+
+def _gaussian_1d(kernel_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    x = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    g = torch.exp(-0.5 * (x / reblur_sigma(kernel_size)) ** 2)
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W), reflect-padded, per channel."""
+    c = x.shape[1]
+    g = _gaussian_1d(kernel_size, x.dtype, x.device)
+    p = kernel_size // 2
+    # Full precision even under autocast: L_ext divides by the (small) change this blur makes.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        y = F.pad(x, (p, p, p, p), mode="reflect")
+        y = F.conv2d(y, g.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
+        return F.conv2d(y, g.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+
+
+def random_reblur(
+    x: torch.Tensor,
+    kernel_sizes: Sequence[int] = (3, 5, 7),
+    generator: torch.Generator | None = None,
+    sizes: Sequence[int] | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B_in``: each sample of (B, C, H, W) blurred with its own random kernel size.
+
+    The sizes are drawn on the CPU from ``generator`` (reproducible, independent of the device)
+    unless given as ``sizes`` (one per sample; the trainer derives them from the samples' indices
+    so they do not depend on how a batch is split across processes); returns
+    ``(blurred, sizes)`` with ``sizes`` a (B,) int64 CPU tensor.
+    """
+    if sizes is None:
+        choice = torch.randint(len(kernel_sizes), (x.shape[0],), generator=generator)
+        sizes = torch.tensor(kernel_sizes, dtype=torch.int64)[choice]
+    else:
+        sizes = torch.as_tensor(sizes, dtype=torch.int64).flatten().cpu()
+        if sizes.numel() != x.shape[0] or any(k < 3 or k % 2 == 0 for k in sizes.tolist()):
+            raise ValueError(f"sizes must be {x.shape[0]} odd kernel sizes >= 3, got {sizes.tolist()}")
+    out = torch.empty_like(x)
+    for k in sorted(set(sizes.tolist())):
+        idx = (sizes == k).nonzero().flatten().to(x.device)
+        out[idx] = gaussian_blur(x[idx], int(k)).to(x.dtype)
+    return out, sizes
+
+
+def per_sample_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference per sample: (B, ...) x (B, ...) -> (B,)."""
+    return (a - b).abs().flatten(1).mean(dim=1)
+
+
+def basic_cr(out: torch.Tensor, gt: torch.Tensor, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L+, L-)``, each (B,): pull both bands of O to GT, push the high band away from I_in."""
+    o_l, o_h = low_high(out)
+    g_l, g_h = low_high(gt)
+    l_pos = per_sample_l1(o_l, g_l) + per_sample_l1(o_h, g_h)
+    l_neg = per_sample_l1(o_h, high(inp))
+    return l_pos, l_neg
+
+
+def high_band_cr(out: torch.Tensor, gt: torch.Tensor, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """EFCRex's ``(L+', L-')`` on the high bands only, each (B,)."""
+    o_h = high(out)
+    return per_sample_l1(o_h, high(gt)), per_sample_l1(o_h, high(inp))
+
+
+def extended_cr(b_out: torch.Tensor, b_in: torch.Tensor, inp: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``L_ext`` (B,): how far the net moves the reblurred input's high band, relative to how far
+    the reblur moved it from the input's."""
+    h_b_in = high(b_in)
+    return per_sample_l1(high(b_out), h_b_in) / (per_sample_l1(high(inp), h_b_in) + eps)
+
+
+def contrastive_ratio(l_pos: torch.Tensor, l_neg: torch.Tensor, l_ext: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """``mean_i(L+_i / (L-_i + L_ext_i))`` (L_ext omitted when None): a scalar."""
+    denom = l_neg if l_ext is None else l_neg + l_ext
+    return (l_pos / (denom + eps)).mean()
+
+
+@dataclass
+class LossTerms:
+    """One step's losses: ``total`` (scalar, what is backpropagated) and its parts."""
+
+    total: torch.Tensor
+    pixel: torch.Tensor
+    cr: torch.Tensor | None = None
+    l_pos: torch.Tensor | None = None
+    l_neg: torch.Tensor | None = None
+    l_ext: torch.Tensor | None = None
+
+    def as_floats(self) -> dict[str, float]:
+        out = {"loss": float(self.total.detach()), "pixel": float(self.pixel.detach())}
+        for name in ("cr", "l_pos", "l_neg", "l_ext"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = float(value.detach().float().mean())
+        return out
+
+
+#: A network call returning outputs at one or more scales, coarsest first, full scale last.
+ScalesFn = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+def single_scale(net: Callable[[torch.Tensor], torch.Tensor]) -> ScalesFn:
+    return lambda x: [net(x)]
+
+
+class EFCRObjective:
+    """The training objective: pixel loss on the main batch plus ``beta`` times the contrastive
+    ratio of EFCR (no extra data), EFCRex-labeled (``extra_gt`` given) or EFCRex-unlabeled
+    (``extra_inp`` without ``extra_gt``).
+
+    ``forward_scales(x)`` runs the network and returns a list of outputs, full scale last (one
+    element for MPT; the H2T U-Net's ``forward_scales`` for its multi-scale pixel loss).
+    """
+
+    def __init__(self, config: EFCRConfig | None = None) -> None:
+        self.config = config or EFCRConfig()
+
+    def __call__(
+        self,
+        forward_scales: ScalesFn,
+        inp: torch.Tensor,
+        gt: torch.Tensor,
+        extra_inp: torch.Tensor | None = None,
+        extra_gt: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        reblur_sizes: Sequence[int] | torch.Tensor | None = None,
+    ) -> LossTerms:
+        """``inp``, ``gt``: (B, C, H, W); ``extra_inp`` (and ``extra_gt``): (B, C, H', W').
+        ``reblur_sizes``: the reblur kernel size of each sample (default: drawn from ``generator``)."""
+        cfg = self.config
+        n = inp.shape[0]
+        use_cr = cfg.beta > 0
+        if extra_gt is not None and extra_inp is None:
+            raise ValueError("EFCRex: extra_gt given without extra_inp")
+        if extra_inp is not None and not use_cr:
+            raise ValueError("EFCRex needs beta > 0: with beta = 0 the extra batch would not be used")
+        if extra_inp is not None and extra_gt is None and not cfg.extended:
+            raise ValueError("EFCRex with unlabeled images needs the extended CR (extended: true)")
+        if extra_gt is not None and extra_gt.shape != extra_inp.shape:
+            raise ValueError(f"extra_inp {tuple(extra_inp.shape)} and extra_gt {tuple(extra_gt.shape)} differ")
+        if extra_inp is not None and extra_inp.shape[0] != n:
+            raise ValueError(f"EFCRex pairs sample i of each batch: main batch {n}, extra batch {extra_inp.shape[0]}")
+
+        # The samples whose contrastive terms are used: the main batch for EFCR and unlabeled
+        # EFCRex's L+/L-, the extra batch for labeled EFCRex.
+        cr_inp = extra_inp if extra_inp is not None else inp
+        b_in = random_reblur(cr_inp, cfg.reblur_kernel_sizes, generator, reblur_sizes)[0] if use_cr and cfg.extended else None
+
+        parts = [inp]
+        if extra_gt is not None:
+            parts.append(extra_inp)
+        if b_in is not None and cfg.extended_grad:
+            parts.append(b_in)
+        if all(p.shape == inp.shape for p in parts):
+            scales = forward_scales(torch.cat(parts) if len(parts) > 1 else inp)
+            chunks = list(scales[-1].split(n))
+            main_scales = [s[:n] for s in scales]
+        else:  # extra patches of another size: one call per part
+            main_scales = forward_scales(inp)
+            chunks = [main_scales[-1]] + [forward_scales(p)[-1] for p in parts[1:]]
+        full = main_scales[-1]
+        pixel = multiscale_l1(main_scales, gt) if len(scales) > 1 else F.l1_loss(full[:n].float(), gt.float())
+        if not use_cr:
+            return LossTerms(total=pixel, pixel=pixel)
+
+        out = chunks.pop(0).float()
+        extra_out = chunks.pop(0).float() if extra_gt is not None else None
+        if b_in is None:
+            b_out = None
+        elif cfg.extended_grad:
+            b_out = chunks.pop(0).float()
+        else:
+            with torch.no_grad():
+                b_out = forward_scales(b_in)[-1].float()
+
+        if extra_gt is not None:
+            l_pos, l_neg = high_band_cr(extra_out, extra_gt.float(), extra_inp.float())
+        else:
+            l_pos, l_neg = basic_cr(out, gt.float(), inp.float())
+        l_ext = None if b_out is None else extended_cr(b_out, b_in.float(), cr_inp.float(), cfg.eps)
+        cr = contrastive_ratio(l_pos, l_neg, l_ext, cfg.eps)
+        return LossTerms(total=pixel + cfg.beta * cr, pixel=pixel, cr=cr, l_pos=l_pos, l_neg=l_neg, l_ext=l_ext)

@@ -1,0 +1,249 @@
+"""Typed training configuration (YAML or JSON in; saved with every checkpoint).
+
+Every model is ``extra="forbid"``: a misspelt field is an error that names it, with the file.
+Relative paths in a config file are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..data.datasets import PatchConfig
+from ..data.synthesis import DefocusRange
+from ..losses.efcr import EFCRConfig
+from ..models.config import ArchConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Data sources
+
+
+class SyntheticSource(_Strict):
+    """Synthetic defocus pairs made on the fly from a folder of sharp images."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    sharp: Path
+    #: Only these file stems (e.g. a split); ``u2os_train`` / ``u2os_test`` name the project's splits.
+    names: list[str] | Literal["u2os_train", "u2os_train_and_val", "u2os_test"] | None = None
+    exclude: list[str] = Field(default_factory=list, description="skip files whose stem contains any of these")
+    labels: Path | None = Field(None, description="folder of label images (same names) for per-object depth")
+    per_object_prob: float = Field(0.0, ge=0, le=1, description="share of samples with per-object defocus")
+    defocus: DefocusRange = Field(default_factory=DefocusRange)
+
+
+class PairedFolderSource(_Strict):
+    """Blurred and sharp folders with matching file names."""
+
+    kind: Literal["paired_folders"] = "paired_folders"
+    blurred: Path
+    sharp: Path
+    match: str | None = Field(None, description="regex whose first group is the matching key (default: file stem)")
+    exclude: list[str] = Field(default_factory=list)
+
+
+class PlaneFolderSource(_Strict):
+    """BBBC006-style plane folders ``z_00 ... z_32``: each plane vs the in-focus one."""
+
+    kind: Literal["plane_folders"] = "plane_folders"
+    root: Path
+    in_focus: int = 16
+    planes: list[int] | None = None
+    match: str | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+
+class ZStackSource(_Strict):
+    """One z-stack file: each plane vs the best-focus plane (found by LoG variance if not given)."""
+
+    kind: Literal["zstack"] = "zstack"
+    path: Path
+    focus_plane: int | None = None
+    max_distance: int | None = Field(None, ge=1)
+
+
+class UnlabeledSource(_Strict):
+    """Unlabeled (blurry) images for EFCRex."""
+
+    kind: Literal["unlabeled"] = "unlabeled"
+    folder: Path
+    names: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+
+class ArraysSource(_Strict):
+    """Images handed over in memory (fine-tuning from napari layers); recorded for provenance.
+    A config file cannot load them: pass the data to ``Trainer(train_data=..., extra_data=...)``."""
+
+    kind: Literal["arrays"] = "arrays"
+    description: str = ""
+    count: int = Field(0, ge=0)
+
+
+PairedSource = Annotated[
+    SyntheticSource | PairedFolderSource | PlaneFolderSource | ZStackSource | ArraysSource,
+    Field(discriminator="kind"),
+]
+
+
+class SyntheticValidation(_Strict):
+    """Fixed synthetic validation pairs with the benchmark's settings (SPEC section 8)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    sharp: Path
+    names: list[str] | Literal["u2os_test"] | None = None
+    max_images: int | None = Field(4, ge=1)
+    defocus_um: list[float] = Field(default_factory=lambda: [4.0, 8.0])
+    na: float = 0.45
+    wavelength_um: float = 0.461
+    pixel_um: float = 0.645
+    psf_model: Literal["scalar", "vectorial", "gibson_lanni", "pupil"] = "scalar"
+    peak_photons: float | None = 1000.0
+    read_sigma_photons: float = 3.0
+
+
+class PairedValidation(_Strict):
+    kind: Literal["paired"] = "paired"
+    source: PairedSource
+    max_images: int | None = Field(8, ge=1)
+
+
+class ValidationConfig(_Strict):
+    data: Annotated[SyntheticValidation | PairedValidation, Field(discriminator="kind")]
+    every: int = Field(250, ge=1, description="validate every N steps (and at the end)")
+    crop: int | None = Field(256, ge=16, description="centre crop of each validation image (None = whole)")
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimiser, run
+
+
+class ModelChoice(_Strict):
+    arch: Literal["mpt", "h2t_unet"] = "mpt"
+    preset: Literal["paper", "small", "tiny"] = "tiny"
+    #: A full architecture config instead of a preset (fields of MPTConfig / H2TUNetConfig).
+    architecture: ArchConfig | None = None
+    #: Start from this model (name or path) instead of random weights; its architecture is used.
+    init: str | None = None
+    in_channels: int = Field(1, ge=1, le=16)
+    #: Random init only: zero the MPT's output conv so the untrained net (input + head(...)) is the
+    #: identity; training then improves on the input from the first step instead of first
+    #: unlearning the random head's noise.
+    zero_init_head: bool = True
+
+
+class OptimConfig(_Strict):
+    """AdamW with a cosine learning-rate schedule (SPEC section 4)."""
+
+    lr: float = Field(1e-4, gt=0)
+    lr_min: float = Field(1e-6, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    #: Clip the global gradient norm to this (None = off).
+    grad_clip: float | None = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min {self.lr_min} must not exceed lr {self.lr}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Everything a training run needs. ``mpt-deblur train --config FILE`` reads this."""
+
+    name: str = "mpt_deblur_run"
+    out_dir: Path = Path("runs/mpt_deblur_run")
+    seed: int = 0
+    model: ModelChoice = Field(default_factory=ModelChoice)
+    data: list[PairedSource] = Field(min_length=1)
+    #: EFCRex extra data: unlabeled images, or labeled extra pairs (not both).
+    unlabeled: list[UnlabeledSource | ArraysSource] | None = None
+    extra_pairs: list[PairedSource] | None = None
+    patch: PatchConfig = Field(default_factory=PatchConfig)
+    batch_size: int = Field(8, ge=1, description="per process (per GPU under torchrun)")
+    steps: int = Field(300_000, ge=1)
+    efcr: EFCRConfig = Field(default_factory=EFCRConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    validation: ValidationConfig | None = None
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0, description="data-loading worker processes per training process")
+    progress: bool = True
+    cpu_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.unlabeled and self.extra_pairs:
+            raise ValueError("unlabeled and extra_pairs: EFCRex takes one kind of extra data per run, not both")
+        if (self.unlabeled or self.extra_pairs) and self.efcr.beta <= 0:
+            raise ValueError("efcr.beta must be > 0 when extra data (unlabeled / extra_pairs) is given")
+        if self.unlabeled and not self.efcr.extended:
+            raise ValueError("efcr.extended must be true with unlabeled data (L_ext' is its only term)")
+        return self
+
+    def resolve_paths(self, base: Path) -> TrainConfig:
+        """A copy with every relative path made absolute against ``base``."""
+        def fix(obj: Any) -> Any:
+            if isinstance(obj, Path):
+                return obj if obj.is_absolute() else (base / obj).resolve()
+            if isinstance(obj, BaseModel):
+                return obj.model_copy(update={k: fix(getattr(obj, k)) for k in type(obj).model_fields})
+            if isinstance(obj, list):
+                return [fix(v) for v in obj]
+            return obj
+        return fix(self)
+
+
+class ConfigError(ValueError):
+    """A training config file is unreadable or invalid (the message names the file and field)."""
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid training config:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from exc
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a YAML (``.yaml`` / ``.yml``) or JSON config; relative paths are taken from its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot parse ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+    return parse_config(raw, str(path)).resolve_paths(path.resolve().parent)
+
+
+def config_json(config: TrainConfig) -> str:
+    return config.model_dump_json(indent=2)

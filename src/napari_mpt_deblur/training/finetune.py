@@ -1,0 +1,194 @@
+"""Fine-tune a model on the user's own unlabeled images with EFCRex (the napari fine-tune widget).
+
+Each step takes a LABELED batch of synthetic defocus pairs (physical PSF + camera noise) made from
+sharp images (default: the bundled real in-focus BBBC006 image), or of patches of real
+(blurred, sharp) examples given as ``paired``, and an UNLABELED batch of patches
+from the user's blurry images. The loss is the pixel L1 on the labeled batch plus
+``beta * mean_i(L+_i / (L-_i + L_ext'_i))``: ``L+`` / ``L-`` from the labeled batch, ``L_ext'``
+from the unlabeled one (SPEC section 4), so the unlabeled images steer the network through the
+extended contrastive term. Everything stays in memory; :meth:`FineTuner.save` writes the result
+through the model registry with its provenance.
+
+``FineTuner(...).steps()`` yields a :class:`~napari_mpt_deblur.training.trainer.StepRecord` per
+step (live loss plot); ``stop()`` ends after the current step and keeps the weights so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch import nn
+
+from ..data import datasets as D
+from ..data.normalisation import NormalisationConfig
+from ..data.synthesis import DefocusRange
+from ..losses.efcr import EFCRConfig
+from .config import ArraysSource, OptimConfig, TrainConfig
+from .trainer import StepRecord, Trainer
+
+#: Default weight of the contrastive term when fine-tuning (docs/training.md: with the paper's
+#: 1e-5 the unlabeled images have almost no influence on the weights).
+FINETUNE_BETA = 0.1
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    steps_done: int
+    stopped: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, NormalisationConfig]:
+    from ..models.registry import LoadedModel, load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, "cpu")
+    if isinstance(model, LoadedModel):
+        return copy.deepcopy(model.model), model.record.name, model.record.normalisation
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model), getattr(model, "name", type(model).__name__), NormalisationConfig()
+    raise TypeError(f"model must be a model name/path, a LoadedModel or an nn.Module, got {type(model).__name__}")
+
+
+class FineTuner:
+    """An in-memory EFCRex fine-tuning run on a COPY of ``model`` (the original is untouched)."""
+
+    def __init__(
+        self,
+        model: Any,
+        unlabeled_images: Sequence[np.ndarray],
+        sharp_images: Sequence[np.ndarray] | None = None,
+        *,
+        paired: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+        steps: int = 500,
+        lr: float = 5e-5,
+        batch: int = 4,
+        patch: int = 128,
+        beta: float = FINETUNE_BETA,
+        defocus: DefocusRange | None = None,
+        device: str = "auto",
+        precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        seed: int = 0,
+    ) -> None:
+        if not unlabeled_images:
+            raise ValueError("fine-tuning needs at least one unlabeled image")
+        net, self.base_name, self.normalisation = _resolve_model(model, device)
+        multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
+        patch = int(np.ceil(patch / multiple) * multiple)
+        if paired is not None and sharp_images is not None:
+            raise ValueError("give either paired (blurred, sharp) examples or sharp images for synthetic pairs, not both")
+        unlabeled = [D.as_2d(im, f"unlabeled image {i}") for i, im in enumerate(unlabeled_images)]
+        patch_cfg = D.PatchConfig(size=patch, normalisation=self.normalisation)
+        if paired is not None:
+            if not paired:
+                raise ValueError("paired: no (blurred, sharp) examples given")
+            pairs = []
+            for i, (b, s_) in enumerate(paired):
+                b2, s2 = D.as_2d(b, f"paired blurred image {i}"), D.as_2d(s_, f"paired sharp image {i}")
+                if b2.shape != s2.shape:
+                    raise ValueError(f"paired example {i}: blurred {b2.shape} and sharp {s2.shape} differ in shape")
+                gt, inp = D.reference_units(s2, b2, self.normalisation)
+                pairs.append(D.Pair(inp=inp, gt=gt, name=f"pair {i}"))
+            labeled = D.PairedPatches(pairs, patch_cfg, seed=seed)
+            labeled_desc, labeled_count = f"{len(pairs)} given (blurred, sharp) pairs", len(pairs)
+        else:
+            if sharp_images is None:
+                from ..data.samples import in_focus_bbbc006
+
+                sharp_images, sharp_desc = [in_focus_bbbc006()], "bundled in-focus BBBC006 image (a04_s1_w1)"
+            else:
+                sharp_desc = f"{len(sharp_images)} sharp images given"
+            labeled = D.SyntheticPatches(list(sharp_images), patch_cfg, defocus or DefocusRange(), seed=seed)
+            labeled_desc, labeled_count = f"synthetic pairs from {sharp_desc}", len(sharp_images)
+        self.config = TrainConfig(
+            name=f"{self.base_name}_finetuned",
+            seed=seed,
+            data=[ArraysSource(description=labeled_desc, count=labeled_count)],
+            unlabeled=[ArraysSource(description="unlabeled images (e.g. napari layers)", count=len(unlabeled))],
+            patch=patch_cfg,
+            batch_size=batch,
+            steps=steps,
+            efcr=EFCRConfig(beta=beta),
+            optim=OptimConfig(lr=lr, lr_min=min(lr, 1e-6)),
+            precision=precision,
+            device=device,
+            progress=False,
+        )
+        self.trainer = Trainer(
+            self.config,
+            model=net,
+            train_data=labeled,
+            extra_data=D.UnlabeledPatches(unlabeled, patch_cfg, seed=seed + 1),
+            extra_labeled=False,
+            val_pairs=[],
+            write_files=False,
+        )
+        self.unlabeled_shapes = [tuple(im.shape) for im in unlabeled]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.net
+
+    def steps(self) -> Iterator[StepRecord]:
+        return self.trainer.steps()
+
+    def stop(self) -> None:
+        self.trainer.stop()
+
+    def run(self, callback: Callable[[StepRecord], Any] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> FinetuneResult:
+        for record in self.steps():
+            if (callback is not None and callback(record) is False) or (should_stop is not None and should_stop()):
+                self.stop()
+        self.model.eval()
+        return FinetuneResult(self.model, self.trainer.step, self.trainer.stopped, self.trainer.history)
+
+    def save(self, path: str | os.PathLike, name: str | None = None, description: str = "") -> Path:
+        """Save the fine-tuned model (safetensors + JSON) with its provenance; never overwrites."""
+        from ..models.registry import model_paths, save_model
+
+        weights, record = model_paths(path)
+        if weights.exists() or record.exists():
+            raise FileExistsError(f"model {record} already exists; choose another name")
+        training = self.trainer._training_record()
+        training.update(
+            finetuned_from=self.base_name, method="EFCRex (unlabeled)",
+            unlabeled_images=self.unlabeled_shapes,
+            last_losses=self.trainer.history[-1] if self.trainer.history else None,
+        )
+        return save_model(self.model, path, name=name or Path(weights).stem,
+                          description=description or f"{self.base_name} fine-tuned with EFCRex for {self.trainer.step} steps",
+                          normalisation=self.normalisation, training=training, trained=True)
+
+
+def finetune(
+    model: Any,
+    unlabeled_images: Sequence[np.ndarray],
+    sharp_images: Sequence[np.ndarray] | None = None,
+    *,
+    paired: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    steps: int = 500,
+    lr: float = 5e-5,
+    batch: int = 4,
+    patch: int = 128,
+    beta: float = FINETUNE_BETA,
+    device: str = "auto",
+    seed: int = 0,
+    callback: Callable[[StepRecord], Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FinetuneResult:
+    """Fine-tune a copy of ``model`` with EFCRex on ``unlabeled_images``; see :class:`FineTuner`.
+
+    ``callback(record)`` runs after every step (return False to stop); ``should_stop()`` is polled
+    after every step too (e.g. a Stop button's flag). The returned model is in eval mode.
+    """
+    tuner = FineTuner(model, unlabeled_images, sharp_images, paired=paired, steps=steps, lr=lr, batch=batch, patch=patch,
+                      beta=beta, device=device, seed=seed)
+    return tuner.run(callback, should_stop)
