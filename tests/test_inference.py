@@ -86,14 +86,16 @@ def test_axis_starts_cover_the_axis_and_last_tile_ends_at_the_border(length, til
     assert all(b - a <= tile - overlap for a, b in itertools.pairwise(starts)), "gaps or too little overlap"
 
 
-def test_balanced_tile_is_the_smallest_multiple_that_keeps_the_tile_count():
-    assert balanced_tile(696, 512, 32, 128) == 384  # two tiles of 384, not two of 512
+def test_balanced_tile_restores_the_fewest_pixels():
+    assert balanced_tile(696, 512, 32, 128) == 384  # two tiles of 384 (768 px), not two of 512 (1024 px)
+    assert balanced_tile(2048, 512, 32, 128) == 384  # six of 384 (2304 px), not five of 512 (2560 px)
     assert balanced_tile(520, 256, 32, 64) == 256
     assert balanced_tile(300, 512, 32, 64) == 300  # fits: run whole
-    for length in range(257, 1500, 37):
+    for length in range(257, 3000, 37):
         t = balanced_tile(length, 256, 32, 64)
-        assert t % 64 == 0 and t <= 256
-        assert len(axis_starts(length, t, 32)) == len(axis_starts(length, 256, 32))
+        assert t % 64 == 0 and 32 < t <= 256
+        cost = len(axis_starts(length, t, 32)) * t
+        assert all(cost <= 1.02 * len(axis_starts(length, c, 32)) * c for c in (64, 128, 192, 256))
 
 
 def test_plan_tiles_rejects_bad_parameters():

@@ -199,3 +199,18 @@ def test_multiscale_l1_with_h2t_unet():
     assert all(p.grad is not None for p in net.parameters())
     terms = EFCRObjective(EFCRConfig(beta=1.0))(net.forward_scales, x, x)
     assert float(terms.pixel) == pytest.approx(float(multiscale_l1(net.forward_scales(x), x)), rel=1e-5)
+
+
+def test_efcrex_extra_patches_of_another_size_run_separately():
+    """Extra (unlabeled) patches need not match the main batch's size: the objective then calls
+    the network once per part instead of on one concatenated batch."""
+    model = _tiny_mpt()
+    inp, gt = _batch(2)
+    size = inp.shape[-1] * 2
+    unlabeled = torch.rand(inp.shape[0], 1, size, size, generator=torch.Generator().manual_seed(3))
+    terms = EFCRObjective(EFCRConfig(beta=1.0))(single_scale(model), inp, gt, extra_inp=unlabeled,
+                                                generator=torch.Generator().manual_seed(5))
+    assert torch.isfinite(terms.total) and terms.l_ext.shape == (inp.shape[0],)
+    with torch.no_grad():
+        expected = float((model(inp) - gt).abs().mean())
+    assert float(terms.pixel) == pytest.approx(expected, rel=1e-5)

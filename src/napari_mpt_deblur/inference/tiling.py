@@ -7,9 +7,9 @@ the results are blended with a weight that tapers over the overlap:
 * Tile sides are multiples of the model's size multiple, so the network never pads a tile. Along
   an axis that is not longer than the tile, the whole axis is one tile (the network pads it once,
   as for whole-image inference).
-* ``tile`` is the *largest* tile side: the tile is shrunk to the smallest multiple that still
-  covers the axis with the same number of tiles (696 px with 512 px tiles -> two 384 px tiles,
-  not two 512 px tiles overlapping by 328 px).
+* ``tile`` is the *largest* tile side: along each axis the side is the multiple that restores the
+  fewest pixels (696 px with 512 px tiles -> two 384 px tiles, not two 512 px tiles overlapping
+  by 328 px); see :func:`balanced_tile`.
 * The last tile is shifted back inside the image rather than padded.
 * The weight of a tile is a separable raised-cosine ramp over ``overlap`` pixels on each side that
   has a neighbouring tile, and 1 on sides at the image border. It is strictly positive everywhere,
@@ -34,16 +34,22 @@ from .progress import Cancelled
 def balanced_tile(length: int, max_tile: int, overlap: int, multiple: int) -> int:
     """The tile side actually used along an axis of ``length`` pixels.
 
-    ``length`` itself when it fits in ``max_tile`` (one tile, run whole); otherwise the smallest
-    multiple of ``multiple`` that covers the axis with as many tiles as ``max_tile`` would need.
+    ``length`` itself when it fits in ``max_tile`` (one tile, run whole). Otherwise the multiple of
+    ``multiple`` (at most ``max_tile``) that restores the fewest pixels along the axis,
+    ``n_tiles * tile``; among sides within 2 % of that minimum the largest wins (fewer tiles, more
+    context per tile). E.g. 696 px, max 512, multiple 128 -> two 384 px tiles (768 px), not two
+    512 px tiles (1024 px); 2048 px, max 512, multiple 128 -> six of 384 (2304 px), not five of
+    512 (2560 px).
     """
     if length <= max_tile:
         return length
-    stride = max_tile - overlap
-    n = math.ceil((length - overlap) / stride)
-    needed = math.ceil((length + (n - 1) * overlap) / n)
-    tile = math.ceil(needed / multiple) * multiple
-    return int(min(max(tile, multiple), max_tile))
+    costs = {}
+    for tile in range(max_tile - max_tile % multiple, overlap, -multiple):
+        costs[tile] = math.ceil((length - overlap) / (tile - overlap)) * tile
+    if not costs:
+        raise ValueError(f"no tile side that is a multiple of {multiple}, at most {max_tile} and above the overlap {overlap}")
+    best = min(costs.values())
+    return max(t for t, c in costs.items() if c <= 1.02 * best)
 
 
 def axis_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:

@@ -224,7 +224,7 @@ class EFCRObjective:
             main_scales = forward_scales(inp)
             chunks = [main_scales[-1]] + [forward_scales(p)[-1] for p in parts[1:]]
         full = main_scales[-1]
-        pixel = multiscale_l1(main_scales, gt) if len(scales) > 1 else F.l1_loss(full[:n].float(), gt.float())
+        pixel = multiscale_l1(main_scales, gt) if len(main_scales) > 1 else F.l1_loss(full[:n].float(), gt.float())
         if not use_cr:
             return LossTerms(total=pixel, pixel=pixel)
 
