@@ -14,6 +14,12 @@ def pytest_configure(config):
     from napari_mpt_deblur.inference.devices import tune_cpu_allocator
 
     tune_cpu_allocator()
+    # One intra-op thread for the whole suite: the tests run many small forward passes, and on a
+    # 2-core machine two threads per op wait on each other whenever anything else holds a core
+    # (measured here: 5-9x slower under load, same results). Tests that need more set it locally.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 import pathlib

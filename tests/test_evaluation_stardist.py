@@ -254,3 +254,24 @@ def test_benchmark_command_end_to_end(tmp_path, shared_data, stardist_model, tin
     orig = {(r["image"], r["defocus_um"], r["method"]): r for r in csv.DictReader(first)}
     for r in again:
         assert r["psnr"] == orig[(r["image"], r["defocus_um"], r["method"])]["psnr"]
+
+
+def test_library_calls_inside_the_worker_do_not_start_another_worker():
+    """compare_stardist run inside the StarDist worker (as a caller may do) must segment there,
+    not start a nested worker process that would never exit."""
+    from napari_mpt_deblur.evaluation.compare import compare_stardist
+    from napari_mpt_deblur.evaluation.stardist_process import run_isolated
+
+    image, gt = u2os_nuclei()
+    crop = image[:128, :160]
+    result = run_isolated(compare_stardist, {"before": crop, "after": crop}, gt[:128, :160])
+    assert [r["image"] for r in result.rows] == ["before", "after"]
+    assert result.rows[0]["objects"] == result.rows[1]["objects"] > 0
+    assert run_isolated(_children_of_worker) == []
+
+
+def _children_of_worker() -> list[int]:
+    """Runs in the StarDist worker: the live child processes it has started (should be none)."""
+    import multiprocessing
+
+    return [p.pid for p in multiprocessing.active_children()]

@@ -27,15 +27,6 @@ from napari_mpt_deblur.models.config import preset_config
 from napari_mpt_deblur.models.registry import ModelFileError, build_model, save_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine, two threads per forward pass make the
-    many small ops of tiny models wait on each other whenever another process holds a core
-    (measured: 5x slower under load). Results are the same; only the speed changes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _save(tmp_dir, name, arch, preset, channels=1, seed=0, zero_head=False):
     torch.manual_seed(seed)

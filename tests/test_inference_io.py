@@ -23,15 +23,6 @@ from napari_mpt_deblur.models.config import preset_config
 from napari_mpt_deblur.models.registry import LoadedModel, ModelRecord, build_model, save_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine, two threads per forward pass make the
-    many small ops of tiny models wait on each other whenever another process holds a core
-    (measured: 5x slower under load). Results are the same; only the speed changes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):

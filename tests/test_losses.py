@@ -22,13 +22,6 @@ from napari_mpt_deblur.models.config import MPTConfig, preset_config
 from napari_mpt_deblur.models.registry import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny convolutions are slower with 2 OpenMP threads than with 1, badly so on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 16, 24), (1, 1, 9, 13), (5, 7)])

@@ -24,12 +24,6 @@ from napari_mpt_deblur.training.trainer import Trainer, lr_at, train
 MICRO_MPT = {"arch": "mpt", "dim": 8, "heads": [1, 2], "scales": [[0.5, 1.0], [1.0, 1.0]], "window_size": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

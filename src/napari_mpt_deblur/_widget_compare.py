@@ -1,8 +1,8 @@
 """napari widget: StarDist nuclei before vs after deblurring, layer against layer.
 
 Runs the library's :func:`~napari_mpt_deblur.evaluation.compare.compare_stardist` in a worker
-thread, which hands it to the separate StarDist process (TensorFlow and napari's OpenGL canvas
-crash each other in one process: :mod:`~napari_mpt_deblur.evaluation.stardist_process`);
+thread (StarDist itself runs in the separate StarDist process: TensorFlow and napari's OpenGL
+canvas crash each other in one process, see :mod:`~napari_mpt_deblur.evaluation.stardist_process`);
 adds a labels layer per image, and shows counts and (with ground-truth labels) precision,
 recall, F1 and AP at IoU 0.5 / 0.7 / 0.9 and mean AP in a table and a small plot; the table can
 be exported as CSV. Without StarDist/TensorFlow the widget says what to install and stays inert;
@@ -113,7 +113,6 @@ class CompareWidget(Container):
         from napari.qt.threading import create_worker
 
         from .evaluation.compare import compare_stardist
-        from .evaluation.stardist_process import run_isolated
 
         if self.worker is not None:
             notify_info("StarDist is already running")
@@ -129,8 +128,9 @@ class CompareWidget(Container):
 
         def work():
             arrays = {k: np.asarray(v) for k, v in images.items()}
-            # TensorFlow must not share a process with napari's OpenGL canvas (see stardist_process).
-            return run_isolated(compare_stardist, arrays, None if gt is None else np.asarray(gt), spec)
+            # StarDist itself runs in the StarDist worker process: TensorFlow must not share a
+            # process with napari's OpenGL canvas (see evaluation.stardist_process).
+            return compare_stardist(arrays, None if gt is None else np.asarray(gt), spec)
 
         self.status.value = f"running StarDist on {', '.join(names.values())}..."
         self.run_button.enabled = False

@@ -130,11 +130,18 @@ class DeblurWidget(Container):
         self._relay.progressed.connect(self._on_progress)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
-        model_events.changed.connect(self.model.reset_choices)
+        model_events.changed.connect(self._refresh_models)
         self._cancel_event = threading.Event()
         self.worker = None
         #: The layer the last successful run added (for scripts and tests).
         self.last_layer = None
+
+    def _refresh_models(self) -> None:
+        """List newly saved models; a widget whose Qt side is gone (viewer closed) unsubscribes."""
+        try:
+            self.model.reset_choices()
+        except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
+            model_events.changed.disconnect(self._refresh_models)
 
     # ---- request ---------------------------------------------------------------------------
 

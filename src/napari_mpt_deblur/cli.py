@@ -440,7 +440,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .evaluation.compare import compare_stardist, format_table, read_image, rows_to_csv
+    from .evaluation.compare import compare_stardist, format_table, rows_to_csv
+    from .io.images import read_array
     from .evaluation.stardist_runner import StarDistModelError, StarDistUnavailable
 
     _refuse_existing(args.out, args.overwrite)
@@ -449,10 +450,10 @@ def _run_compare(args: argparse.Namespace) -> int:
         for key in ("before", "after", "sharp"):
             label_paths[key] = args.save_labels / f"stardist_{key}.tif"
             _refuse_existing(label_paths[key] if (key != "sharp" or args.sharp) else None, args.overwrite)
-    images = {"before": read_image(args.before), "after": read_image(args.after)}
+    images = {"before": read_array(args.before), "after": read_array(args.after)}
     if args.sharp is not None:
-        images["sharp"] = read_image(args.sharp)
-    gt = read_image(args.labels) if args.labels is not None else None
+        images["sharp"] = read_array(args.sharp)
+    gt = read_array(args.labels) if args.labels is not None else None
     try:
         result = compare_stardist(images, gt, args.stardist_model)
     except (StarDistUnavailable, StarDistModelError) as exc:

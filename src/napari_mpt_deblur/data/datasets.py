@@ -28,44 +28,12 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..io.images import ImageReadError, read_array
 from .normalisation import NormalisationConfig, normalise, percentile_range
 from .psf import defocus_psf
 from .synthesis import DefocusRange, add_camera_noise, blur, synthesize_depth
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
-
-
-class ImageReadError(ValueError):
-    """An image file could not be read or is not a usable 2D image (the message names it)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as a numpy array (any dimensionality), naming the file on failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"image file not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(path)
-        elif suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            from skimage.io import imread
-
-            arr = imread(path)
-    except Exception as exc:  # every reader has its own exception types; name the file for all
-        raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "uif" or arr.size == 0:
-        raise ImageReadError(f"{path}: not a numeric image (dtype {arr.dtype}, shape {arr.shape})")
-    return arr
 
 
 def as_2d(arr: np.ndarray, name: str = "image") -> np.ndarray:
@@ -84,7 +52,7 @@ def as_2d(arr: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def read_image_2d(path: str | os.PathLike) -> np.ndarray:
-    return as_2d(read_image(path), str(path))
+    return as_2d(read_array(path), str(path))
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -424,7 +392,7 @@ def load_zstack_pairs(path: str | os.PathLike, focus_plane: int | None = None, m
     The focal plane is ``focus_plane`` or found with :func:`best_focus_plane`; planes farther than
     ``max_distance`` from it are skipped. Returns ``(pairs, focal plane index)``.
     """
-    stack = np.squeeze(read_image(path))
+    stack = np.squeeze(read_array(path))
     if stack.ndim != 3:
         raise ImageReadError(f"{path}: expected a (Z, Y, X) stack, got shape {stack.shape}")
     best = best_focus_plane(stack, sigma) if focus_plane is None else int(focus_plane)

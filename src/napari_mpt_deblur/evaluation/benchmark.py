@@ -214,9 +214,9 @@ class BenchImage:
 
 
 def _read_plane(path: Path) -> np.ndarray:
-    import tifffile
+    from ..io.images import read_array
 
-    arr = tifffile.imread(path)
+    arr = read_array(path)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and np.ptp(arr[..., :3].astype(np.int64), axis=-1).max() == 0:
         arr = arr[..., 0]  # RGB(A) file holding a grey image
     if arr.ndim != 2:

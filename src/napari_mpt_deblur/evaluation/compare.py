@@ -18,24 +18,10 @@ from typing import Any
 import numpy as np
 
 from ..io.atomic import write_text_atomic
+from ..io.images import read_array
 from .matching import IOU_THRESHOLDS, count_objects, match_labels
 
 IMAGE_SUFFIXES = (".tif", ".tiff")
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """A TIFF (LZW and other codecs via imagecodecs) as a numpy array; clear errors for bad paths."""
-    import tifffile
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{path}: expected a .tif/.tiff file")
-    try:
-        return tifffile.imread(path)
-    except Exception as exc:  # tifffile raises several types for corrupt files
-        raise ValueError(f"could not read {path} as TIFF: {exc}") from exc
 
 
 def _image_files(path: Path) -> list[Path]:
@@ -72,12 +58,12 @@ def evaluate_images(
     files = _image_files(pred)
     rows = []
     for f in files:
-        p = read_image(f)
+        p = read_array(f)
         row: dict[str, Any] = {"image": f.name, "shape": "x".join(map(str, p.shape))}
         if ref is not None:
             ref_path = Path(ref)
             r_file = ref_path / f.name if ref_path.is_dir() else ref_path
-            r = read_image(r_file)
+            r = read_array(r_file)
             if r.shape != p.shape:
                 raise ValueError(f"{f} has shape {p.shape} but its reference {r_file} has {r.shape}")
             lo, hi = percentile_range(r, 0.1, 99.9)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -27,11 +28,18 @@ _LOCK = threading.Lock()
 _EXECUTOR: ProcessPoolExecutor | None = None
 
 
+def _worker_init() -> None:
+    # Inside the worker, StarDist runs where it is called: without this, library code run here
+    # (e.g. compare_stardist) would start a worker of its own, which never exits with its parent.
+    os.environ["MPT_DEBLUR_STARDIST_IN_PROCESS"] = "1"
+
+
 def _executor() -> ProcessPoolExecutor:
     global _EXECUTOR
     with _LOCK:
         if _EXECUTOR is None:
-            _EXECUTOR = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            _EXECUTOR = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init)
         return _EXECUTOR
 
 

@@ -92,6 +92,39 @@ def _remove_existing(out: Path) -> None:
 # Reading
 
 
+class ImageReadError(ValueError):
+    """An image file could not be read or is not a usable image (the message names it)."""
+
+
+def read_array(path: str | os.PathLike) -> np.ndarray:
+    """Read a whole image file into memory (TIFF incl. LZW, ``.npy``, PNG/JPEG...), any
+    dimensionality; :class:`ImageReadError` naming the file when it is missing or unreadable.
+
+    For big stacks that should stay lazy, use :func:`read_image` instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            arr = tifffile.imread(path)
+        elif suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            from skimage.io import imread
+
+            arr = imread(path)
+    except Exception as exc:  # every reader has its own exception types; name the file for all
+        raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "uif" or arr.size == 0:
+        raise ImageReadError(f"{path}: not a numeric image (dtype {arr.dtype}, shape {arr.shape})")
+    return arr
+
+
 def read_image(path: str | os.PathLike, axes: str | None = None, model_channels: int = 1,
                allow_incomplete: bool = False) -> ImageSource:
     """Open a TIFF or zarr image lazily. Raises FileNotFoundError / ValueError with the path in the message."""
