@@ -22,6 +22,14 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def pytest_unconfigure(config):
+    # Stop the StarDist worker process here, while pytest still runs: at interpreter exit
+    # concurrent.futures joins its manager threads first and would wait on a stuck worker forever.
+    from napari_mpt_deblur.evaluation.stardist_process import shutdown
+
+    shutdown()
+
+
 import pathlib
 
 import pytest

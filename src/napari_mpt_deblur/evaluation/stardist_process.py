@@ -62,10 +62,21 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 @atexit.register
-def shutdown() -> None:
-    """Stop the worker process (it is restarted on the next :func:`run_isolated`)."""
+def shutdown(timeout_s: float = 20.0) -> None:
+    """Stop the worker process (it is restarted on the next :func:`run_isolated`).
+
+    A worker still busy after ``timeout_s`` seconds is terminated.
+    """
     global _EXECUTOR
     with _LOCK:
         executor, _EXECUTOR = _EXECUTOR, None
-    if executor is not None:
-        executor.shutdown(wait=True, cancel_futures=True)
+    if executor is None:
+        return
+    # Never hang the interpreter's exit on a stuck worker: ask it to stop, wait a little, then end it.
+    processes = list(getattr(executor, "_processes", {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=timeout_s)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
