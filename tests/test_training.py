@@ -17,7 +17,7 @@ from napari_mpt_deblur.data.psf import PSFParams
 from napari_mpt_deblur.data.samples import in_focus_bbbc006
 from napari_mpt_deblur.data.synthesis import DefocusRange, synthesize_defocus
 from napari_mpt_deblur.models.registry import load_model
-from napari_mpt_deblur.training.checkpoint import CheckpointError
+from napari_mpt_deblur.training.checkpoint import CheckpointError, export_checkpoint
 from napari_mpt_deblur.training.config import ConfigError, load_config, parse_config
 from napari_mpt_deblur.training.trainer import Trainer, lr_at, train
 
@@ -124,6 +124,42 @@ def test_stop_keeps_weights_and_generator_reports_losses(sharp_dir, tmp_path):
     assert loaded.record.training["steps"] == 2 and loaded.record.training["total_steps"] == 50
     best = json.loads((tmp_path / "run/checkpoints/best.json").read_text())
     assert best["step"] == 2 and "psnr" in best
+
+
+def test_export_writes_the_checkpoint_as_a_model_with_provenance(sharp_dir, tmp_path):
+    from napari_mpt_deblur.cli import main
+
+    trainer = Trainer(parse_config(_config(sharp_dir, tmp_path / "run", steps=3)))
+    trainer.run()
+    x = torch.rand(1, 1, 40, 44)
+    with torch.no_grad():
+        expected = trainer.net.eval()(x)
+
+    path = export_checkpoint(tmp_path / "run", tmp_path / "m32", which="last", name="my-model")
+    loaded = load_model(path)
+    assert loaded.record.name == "my-model" and loaded.record.trained
+    assert loaded.record.training["exported_from"] == {"checkpoint": "last", "step": 3}
+    assert loaded.record.training["steps"] == 3 and loaded.record.training["config"]["name"] == "t"
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), expected)
+
+    # fp16 storage through the CLI: half the bytes, outputs within fp16 rounding of the weights
+    assert main(["export", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "m16"), "--which", "last",
+                 "--dtype", "float16"]) == 0
+    half = load_model(tmp_path / "m16.json")
+    assert half.record.weights_dtype == "float16"
+    size16, size32 = (tmp_path / "m16.safetensors").stat().st_size, (tmp_path / "m32.safetensors").stat().st_size
+    assert size16 < 0.6 * size32
+    with torch.no_grad():
+        assert torch.allclose(half.model(x), expected, atol=2e-3)
+
+    before = (tmp_path / "m32.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="already exists"):
+        export_checkpoint(tmp_path / "run", tmp_path / "m32", which="last")
+    assert (tmp_path / "m32.safetensors").read_bytes() == before
+    with pytest.raises(CheckpointError, match="no 'best' checkpoint"):
+        export_checkpoint(tmp_path / "run", tmp_path / "other")  # no validation ran, so no best
+    assert main(["export", str(tmp_path / "nothing-here"), str(tmp_path / "x")]) == 1
 
 
 def test_h2t_unet_with_unlabeled_efcrex_trains(sharp_dir, tmp_path):

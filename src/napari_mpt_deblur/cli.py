@@ -476,7 +476,37 @@ def _run_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = (_add_predict, _add_train, _add_finetune, _add_evaluate, _add_benchmark, _add_compare, _add_info, _add_demo)
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a training run's best or last checkpoint as a model file",
+        description=("Turn a checkpoint of `mpt-deblur train` into a standalone model (safetensors + JSON with the "
+                     "training provenance) that predict, the napari widgets and finetune load by path, or by name "
+                     "when written into the user model folder."),
+    )
+    p.add_argument("run", type=Path, help="run folder (with checkpoints/) or its checkpoints folder")
+    p.add_argument("out", type=Path, help="output path stem, e.g. ~/.local/share/napari-mpt-deblur/models/my-model")
+    p.add_argument("--which", choices=("best", "last"), default="best")
+    p.add_argument("--name", default=None, help="model name recorded in the file (default: the checkpoint's)")
+    p.add_argument("--description", default=None)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="weight storage type (float16 halves the file)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .training.checkpoint import CheckpointError, export_checkpoint
+
+    try:
+        path = export_checkpoint(args.run, args.out, which=args.which, name=args.name,
+                                 description=args.description, dtype=args.dtype)
+    except CheckpointError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"wrote {path} and {path.with_suffix('.safetensors').name}")
+    return EXIT_OK
+
+
+_COMMANDS = (_add_predict, _add_train, _add_finetune, _add_export, _add_evaluate, _add_benchmark, _add_compare,
+             _add_info, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

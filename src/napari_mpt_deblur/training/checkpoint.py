@@ -15,6 +15,7 @@ any moment leaves ``last.json`` naming a complete checkpoint.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import shutil
 from dataclasses import dataclass
@@ -158,3 +159,42 @@ def read_checkpoint(ckpt_dir: Path, kind: str = "last") -> Checkpoint:
     if state.get("format", 0) > STATE_FORMAT:
         raise CheckpointError(f"{state_path}: checkpoint format {state['format']} is newer than this package")
     return Checkpoint(folder=folder, step=int(state["step"]), state=state, tensors=load(data))
+
+
+def export_checkpoint(
+    run_or_checkpoints: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    which: str = "best",
+    name: str | None = None,
+    description: str | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write the ``best`` or ``last`` checkpoint of a training run as a standalone model file.
+
+    ``run_or_checkpoints`` is a run folder (holding ``checkpoints/``) or its ``checkpoints``
+    folder. The model keeps its training provenance (config, steps, validation); ``dtype``
+    ``float16`` halves the file (outputs then differ from fp32 by fp16 rounding of the weights).
+    Returns the JSON path; nothing is written over an existing file.
+    """
+    from ..models.registry import load_model, model_paths, save_model
+
+    folder = Path(run_or_checkpoints)
+    ckpt_dir = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    if which not in ("best", "last"):
+        raise CheckpointError(f"which must be 'best' or 'last', got {which!r}")
+    ptr = pointer(ckpt_dir, which)
+    if ptr is None:
+        raise CheckpointError(f"no '{which}' checkpoint in {ckpt_dir} ({which}.json is missing)")
+    for existing in model_paths(out):
+        if existing.exists():
+            raise CheckpointError(f"{existing} already exists; choose another output (nothing is overwritten)")
+    loaded = load_model(ckpt_dir / ptr["folder"] / "model.json", "cpu")
+    record = loaded.record
+    training = dict(record.training or {})
+    training["exported_from"] = {"checkpoint": which, "step": int(ptr["step"])}
+    return save_model(
+        loaded.model, out, name=name or record.name,
+        description=description or record.description,
+        normalisation=record.normalisation, training=training, trained=True, dtype=dtype,
+    )
