@@ -33,6 +33,13 @@ def _wait(worker, app, timeout_s: float = 900) -> None:
         time.sleep(0.02)
 
 
+def _narrow(viewer, dock, width: int = 620) -> None:
+    """Keep the widget's dock from taking the canvas's room."""
+    from qtpy.QtCore import Qt
+
+    viewer.window._qt_window.resizeDocks([dock], [width], Qt.Horizontal)
+
+
 def _shot(viewer, path: Path, app) -> None:
     for _ in range(20):
         app.processEvents()
@@ -56,19 +63,24 @@ def main() -> None:
 
     model = args.model or DEFAULT_DEMO_MODEL
     app = QApplication.instance() or QApplication([])
+    # napari 0.9 shows a "PyQt5 is deprecated" toast on the first window; keep it out of the docs.
+    import napari._qt.qt_main_window as qt_main_window
+
+    qt_main_window.SHOW_QT_WARNING = False
 
     # 1. Deblur
     viewer = napari.Viewer(title="napari-mpt-deblur: Deblur")
-    viewer.window._qt_window.resize(1600, 1000)
+    viewer.window._qt_window.resize(1800, 1050)
     blurry = defocused_bbbc006()
     viewer.add_image(blurry, name="defocused BBBC006 z00", scale=(0.645, 0.645), units=("um", "um"))
-    _dock, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Deblur")
+    _narrow(viewer, dock)
     widget.model.reset_choices()
     widget.model.value = model
     _wait(widget.run(), app)
     viewer.grid.enabled = True
+    viewer.reset_view()
     _shot(viewer, args.out / "widget_deblur.png", app)
-    deblurred = np.asarray(widget.last_layer.data)
 
     # 2. Fine-tune (a short run so the loss curve has something to show)
     viewer.layers.clear()
@@ -76,7 +88,8 @@ def main() -> None:
     viewer.add_image(blurry, name="defocused BBBC006 z00")
     for name, dock in list(viewer.window._dock_widgets.items()):
         viewer.window.remove_dock_widget(dock)
-    _dock, ft = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Fine-tune with EFCRex")
+    dock, ft = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "Fine-tune with EFCRex")
+    _narrow(viewer, dock)
     ft.unlabeled.reset_choices()
     ft.unlabeled.value = ["defocused BBBC006 z00"]
     ft.start_model.reset_choices()
@@ -103,11 +116,13 @@ def main() -> None:
     before = viewer.add_image(blurred, name="U2OS defocused 6 um")
     after = viewer.add_image(restored, name="U2OS deblurred")
     truth = viewer.add_labels(labels, name="ground truth", visible=False)
-    _dock, cmp = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "StarDist compare")
+    dock, cmp = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "StarDist compare")
+    _narrow(viewer, dock, 760)
     cmp.reset_choices()
     cmp.before.value, cmp.after.value, cmp.ground_truth.value = before, after, truth
     _wait(cmp.run(), app)
     viewer.grid.enabled = True
+    viewer.reset_view()
     _shot(viewer, args.out / "widget_compare.png", app)
     viewer.close()
 
