@@ -47,3 +47,19 @@ def shared_data() -> pathlib.Path:
     if not data.is_dir():
         pytest.fail(f"shared data not found at {data}: clone the repo beside ../shared or set MPT_DEBLUR_SHARED")
     return data
+
+
+@pytest.fixture
+def wait_for_worker(qtbot):
+    """``wait_for_worker(widget, timeout_ms)``: block until the widget's worker finished and its
+    callbacks ran.
+
+    Waiting on ``worker.finished`` with ``qtbot.waitSignal`` misses the signal when a worker ends
+    before the wait starts (an input error is reported within milliseconds); every widget sets
+    ``worker = None`` in its finished callback, on the GUI thread, so poll that instead.
+    """
+
+    def wait(widget, timeout_ms: int = 120_000) -> None:
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout_ms)
+
+    return wait

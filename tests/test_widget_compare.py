@@ -26,7 +26,7 @@ def nuclei_pair():
     return blurred.astype(np.float32), sharp.astype(np.float32), labels
 
 
-def test_compare_reports_ap_equal_to_stardist_matching(qtbot, make_napari_viewer_proxy, nuclei_pair, tmp_path):
+def test_compare_reports_ap_equal_to_stardist_matching(qtbot, wait_for_worker, make_napari_viewer_proxy, nuclei_pair, tmp_path):
     blurred, sharp, gt = nuclei_pair
     viewer = make_napari_viewer_proxy()
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "StarDist compare")
@@ -36,8 +36,8 @@ def test_compare_reports_ap_equal_to_stardist_matching(qtbot, make_napari_viewer
     widget.reset_choices()
     widget.before.value, widget.after.value, widget.ground_truth.value = before, after, truth
     worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=240_000):
-        pass
+    assert worker is not None
+    wait_for_worker(widget, 240_000)
     assert widget.status.value.startswith("done"), widget.status.value
     predicted = {name: viewer.layers[f"{name} StarDist"].data for name in ("blurred", "sharp")}
     for name, row in zip(("blurred", "sharp"), widget.rows):

@@ -28,12 +28,8 @@ def deblur_widget(make_napari_viewer_proxy, tiny_model_file):
     return viewer, widget
 
 
-def _wait(qtbot, worker, timeout=120_000):
-    with qtbot.waitSignal(worker.finished, timeout=timeout):
-        pass
 
-
-def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, deblur_widget):
+def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_worker, deblur_widget):
     from napari_mpt_deblur.data.samples import defocused_bbbc006
 
     viewer, widget = deblur_widget
@@ -44,7 +40,7 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, deblur_widg
     widget.image.value = layer
     widget.output_dtype.value = "input"
     worker = widget.run()
-    _wait(qtbot, worker)
+    wait_for_worker(widget)
     out = viewer.layers["blurry deblurred (tiny-test)"]
     assert widget.last_layer.name == out.name
     assert out.data.shape == image.shape and out.data.dtype == image.dtype
@@ -59,7 +55,7 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, deblur_widg
     assert widget.progress.value == widget.progress.max > 0
 
 
-def test_cancel_stops_a_stack_midway_and_leaves_input_unchanged(qtbot, deblur_widget):
+def test_cancel_stops_a_stack_midway_and_leaves_input_unchanged(qtbot, wait_for_worker, deblur_widget):
     viewer, widget = deblur_widget
     rng = np.random.default_rng(0)
     stack = rng.random((6, 192, 192)).astype(np.float32)
@@ -77,7 +73,7 @@ def test_cancel_stops_a_stack_midway_and_leaves_input_unchanged(qtbot, deblur_wi
     widget._relay.progressed.connect(on_progress)
     n_layers = len(viewer.layers)
     worker = widget.run()
-    _wait(qtbot, worker)
+    wait_for_worker(widget)
     total = seen[-1][1]
     assert 3 <= seen[-1][0] < total, seen[-1]
     assert len(viewer.layers) == n_layers  # no partial layer is added
@@ -85,7 +81,7 @@ def test_cancel_stops_a_stack_midway_and_leaves_input_unchanged(qtbot, deblur_wi
     np.testing.assert_array_equal(layer.data, stack)
 
 
-def test_lazy_layer_stays_lazy_via_zarr(qtbot, deblur_widget, tmp_path):
+def test_lazy_layer_stays_lazy_via_zarr(qtbot, wait_for_worker, deblur_widget, tmp_path):
     import dask.array as da
 
     viewer, widget = deblur_widget
@@ -93,7 +89,7 @@ def test_lazy_layer_stays_lazy_via_zarr(qtbot, deblur_widget, tmp_path):
     layer = viewer.add_image(stack, name="lazy", scale=(2.0, 0.5, 0.5))
     widget.image.value = layer
     worker = widget.run()
-    _wait(qtbot, worker)
+    wait_for_worker(widget)
     out = widget.last_layer
     assert out is not None and not isinstance(out.data, np.ndarray)
     assert out.data.shape == stack.shape
@@ -102,12 +98,12 @@ def test_lazy_layer_stays_lazy_via_zarr(qtbot, deblur_widget, tmp_path):
     assert out.metadata["mpt_deblur"]["zarr_path"].endswith(".zarr")
 
 
-def test_bad_input_is_reported_not_raised(qtbot, deblur_widget, tmp_path):
+def test_bad_input_is_reported_not_raised(qtbot, wait_for_worker, deblur_widget, tmp_path):
     viewer, widget = deblur_widget
     widget.image.value = viewer.add_image(np.zeros((64, 64), np.float32), name="img")
     widget.model_file.line_edit.value = str(tmp_path / "missing.json")
     worker = widget.run()
-    _wait(qtbot, worker)
+    wait_for_worker(widget)
     assert "unknown model" in widget.status.value or "not found" in widget.status.value
     widget.save_zarr.value = True
     widget.zarr_path.line_edit.value = ""  # an empty box (FileEdit.value = "" would mean the cwd)

@@ -16,7 +16,7 @@ def viewer_and_widget(make_napari_viewer_proxy, tmp_path, monkeypatch):
     return viewer, widget
 
 
-def test_stop_ends_early_and_saved_model_loads_in_deblur_list(qtbot, viewer_and_widget):
+def test_stop_ends_early_and_saved_model_loads_in_deblur_list(qtbot, wait_for_worker, viewer_and_widget):
     from napari_mpt_deblur.data.samples import defocused_bbbc006
     from napari_mpt_deblur.models.registry import load_model
 
@@ -37,8 +37,7 @@ def test_stop_ends_early_and_saved_model_loads_in_deblur_list(qtbot, viewer_and_
 
     worker = widget.start()
     worker.yielded.connect(stop_after_three)
-    with qtbot.waitSignal(worker.finished, timeout=300_000):
-        pass
+    wait_for_worker(widget, 300_000)
     assert widget.tuner.trainer.stopped
     assert 3 <= widget.tuner.trainer.step < 40
     assert len(widget.losses) == widget.tuner.trainer.step
