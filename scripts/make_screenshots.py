@@ -2,7 +2,7 @@
 
 Runs a real napari viewer (under Xvfb on a headless machine):
 
-    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/make_screenshots.py --out docs/images
+    xvfb-run -a -s "-screen 0 2560x1200x24" .venv/bin/python scripts/make_screenshots.py --out docs/images
 
 Writes ``widget_deblur.png``, ``widget_finetune.png`` and ``widget_compare.png``. The deblur and
 compare shots use the shipped model (``--model``, default the demo's) on the real defocused
@@ -116,6 +116,7 @@ def main() -> None:
     before = viewer.add_image(blurred, name="U2OS defocused 6 um")
     after = viewer.add_image(restored, name="U2OS deblurred")
     truth = viewer.add_labels(labels, name="ground truth", visible=False)
+    viewer.window._qt_window.resize(2400, 1050)  # the results table needs the width
     dock, cmp = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", "StarDist compare")
     _narrow(viewer, dock, 760)
     cmp.reset_choices()

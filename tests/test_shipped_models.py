@@ -17,9 +17,10 @@ SHIPPED = {"mpt-small-fluo": ("mpt", "small"), "h2t-unet-fluo": ("h2t_unet", "pa
 
 
 def test_shipped_model_files_are_small_fp16_and_say_how_they_were_trained():
-    listed = {name for name, _path, origin in list_models() if origin == "shipped"}
+    listed = [name for name, _path, origin in list_models() if origin == "shipped"]
     assert DEFAULT_DEMO_MODEL in SHIPPED
-    assert set(SHIPPED) <= listed
+    assert set(SHIPPED) <= set(listed)
+    assert listed[0] == DEFAULT_DEMO_MODEL  # offered first in the widgets' model lists
     for name, (arch, preset) in SHIPPED.items():
         weights = SHIPPED_DIR / f"{name}.safetensors"
         assert weights.stat().st_size < 20 * 2**20

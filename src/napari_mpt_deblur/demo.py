@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .io.atomic import write_text_atomic, write_with
-
-DEFAULT_DEMO_MODEL = "mpt-small-fluo"
+from .models import RECOMMENDED_MODEL as DEFAULT_DEMO_MODEL
 
 
 @dataclass

@@ -3,3 +3,8 @@
 Import the submodules directly (``from napari_mpt_deblur.models.registry import load_model``);
 this package's ``__init__`` stays free of torch so that ``import napari_mpt_deblur`` is fast.
 """
+
+#: The shipped model offered first (demo, napari widgets): the one that measured best in
+#: docs/models.md. The CPU-trained H2T U-Net beats the CPU-trained MPT for now; a GPU-trained
+#: MPT is expected to take its place.
+RECOMMENDED_MODEL = "h2t-unet-fluo"

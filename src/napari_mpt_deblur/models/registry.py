@@ -21,6 +21,7 @@ from torch import nn
 from .._version import __version__
 from ..data.normalisation import NormalisationConfig
 from ..io.atomic import write_bytes_atomic, write_text_atomic
+from . import RECOMMENDED_MODEL
 from .config import ArchConfig, H2TUNetConfig, MPTConfig
 
 FORMAT_VERSION = 1
@@ -212,10 +213,11 @@ def _records_in(folder: Path) -> list[Path]:
 def list_models() -> list[tuple[str, Path, str]]:
     """Known models as (name, record path, origin), origin being ``"shipped"`` or ``"user"``.
 
-    Shipped models come first; a user model with a shipped model's name is listed but the
-    shipped one wins name lookups.
+    Shipped models come first, :data:`RECOMMENDED_MODEL` first of all; a user model with a
+    shipped model's name is listed but the shipped one wins name lookups.
     """
     found = [(p.stem, p, "shipped") for p in _records_in(SHIPPED_DIR)]
+    found.sort(key=lambda item: item[0] != RECOMMENDED_MODEL)
     found += [(p.stem, p, "user") for p in _records_in(user_models_dir())]
     return found
 
