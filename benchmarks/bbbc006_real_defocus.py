@@ -97,9 +97,8 @@ def _figure(keep, methods, fields, rows, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from skimage.segmentation import find_boundaries
-
     from napari_mpt_deblur.data.normalisation import percentile_range
+    from napari_mpt_deblur.demo import outline_overlay
     from napari_mpt_deblur.io.atomic import write_bytes_atomic
 
     fig, axes = plt.subplots(len(fields), len(methods), figsize=(4.2 * len(methods), 3.3 * len(fields)), dpi=90,
@@ -110,10 +109,7 @@ def _figure(keep, methods, fields, rows, path: Path) -> None:
             arr, labels = keep[(field, method)]
             ax = axes[i, j]
             ax.imshow(arr, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-            edges = find_boundaries(labels, mode="inner")
-            overlay = np.zeros((*edges.shape, 4), np.float32)
-            overlay[edges] = (1.0, 0.85, 0.0, 1.0)
-            ax.imshow(overlay, interpolation="nearest")
+            ax.imshow(outline_overlay(labels), interpolation="nearest")
             row = next(r for r in rows if r["image"] == field and r["method"] == method)
             ax.set_title(f"{field} · {method}\n{row['nuclei']} nuclei, NVL {row['nvl']:.3g}", fontsize=9)
             ax.axis("off")

@@ -39,7 +39,7 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_wo
     before = layer.data.copy()
     widget.image.value = layer
     widget.output_dtype.value = "input"
-    worker = widget.run()
+    assert widget.run() is not None  # a worker started
     wait_for_worker(widget)
     out = viewer.layers["blurry deblurred (tiny-test)"]
     assert widget.last_layer.name == out.name
@@ -72,7 +72,7 @@ def test_cancel_stops_a_stack_midway_and_leaves_input_unchanged(qtbot, wait_for_
 
     widget._relay.progressed.connect(on_progress)
     n_layers = len(viewer.layers)
-    worker = widget.run()
+    assert widget.run() is not None  # a worker started
     wait_for_worker(widget)
     total = seen[-1][1]
     assert 3 <= seen[-1][0] < total, seen[-1]
@@ -88,7 +88,7 @@ def test_lazy_layer_stays_lazy_via_zarr(qtbot, wait_for_worker, deblur_widget, t
     stack = da.from_array(np.random.default_rng(1).random((3, 96, 128)).astype(np.float32), chunks=(1, 96, 128))
     layer = viewer.add_image(stack, name="lazy", scale=(2.0, 0.5, 0.5))
     widget.image.value = layer
-    worker = widget.run()
+    assert widget.run() is not None  # a worker started
     wait_for_worker(widget)
     out = widget.last_layer
     assert out is not None and not isinstance(out.data, np.ndarray)
@@ -102,7 +102,7 @@ def test_bad_input_is_reported_not_raised(qtbot, wait_for_worker, deblur_widget,
     viewer, widget = deblur_widget
     widget.image.value = viewer.add_image(np.zeros((64, 64), np.float32), name="img")
     widget.model_file.line_edit.value = str(tmp_path / "missing.json")
-    worker = widget.run()
+    assert widget.run() is not None  # a worker started
     wait_for_worker(widget)
     assert "unknown model" in widget.status.value or "not found" in widget.status.value
     widget.save_zarr.value = True

@@ -55,6 +55,17 @@ def _demo_model(name: str | None, device, log: Callable[[str], None]):
     return LoadedModel(model=model, record=record, path=None)
 
 
+def outline_overlay(labels: np.ndarray, rgba: tuple[float, float, float, float] = (1.0, 0.85, 0.0, 1.0)) -> np.ndarray:
+    """(H, W, 4) float32 image: the inner outline of every labelled object in ``rgba``, transparent
+    elsewhere; drawn with ``imshow`` over an image to show segmentations."""
+    from skimage.segmentation import find_boundaries
+
+    edges = find_boundaries(labels, mode="inner")
+    overlay = np.zeros((*edges.shape, 4), dtype=np.float32)
+    overlay[edges] = rgba
+    return overlay
+
+
 def _side_by_side_png(before: np.ndarray, after: np.ndarray, titles: tuple[str, str], banner: str | None,
                       labels: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
     """Input and result on the same display range, StarDist outlines drawn when given."""
@@ -70,12 +81,7 @@ def _side_by_side_png(before: np.ndarray, after: np.ndarray, titles: tuple[str, 
     for i, (ax, img, title) in enumerate(zip(axes, (before, after), titles)):
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         if labels is not None:
-            from skimage.segmentation import find_boundaries
-
-            edges = find_boundaries(labels[i], mode="inner")
-            overlay = np.zeros((*edges.shape, 4), dtype=np.float32)
-            overlay[edges] = (1.0, 0.85, 0.0, 1.0)
-            ax.imshow(overlay, interpolation="nearest")
+            ax.imshow(outline_overlay(labels[i]), interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
     if banner:

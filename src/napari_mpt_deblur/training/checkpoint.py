@@ -15,8 +15,8 @@ any moment leaves ``last.json`` naming a complete checkpoint.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
