@@ -5,12 +5,17 @@ For each preset, input size and channel count: median of N timed forward passes 
 resident memory of a fresh process that ran them (so numbers include the Python + torch
 baseline, as the anchor numbers for the authors' code do).
 
-Anchor (authors' public code, paper preset, 3 channels, this kind of 2-core machine):
-3.95 s at 256x256 and 27.6 s at 512x512, peak RSS 1.03 GB and 1.81 GB.
+Comparisons with the authors' public code are made by benchmarks/bench_fair_vs_authors.py only
+(one process, same threads and allocator setting for both, alternating runs); numbers from this
+script and from other processes or days are not comparable with it.
 
     python benchmarks/bench_models.py                       # all presets, 256 and 512, C = 1 and 3
     python benchmarks/bench_models.py --arch mpt --preset paper --channels 3
     python benchmarks/bench_models.py --no-mallopt          # glibc allocator left as is
+    python benchmarks/bench_models.py --device cuda --sizes 512 1024 --channels 1   # GPU, bf16 autocast
+
+On ``--device cuda`` each pass is synchronised, runs under bf16 autocast (the inference engine's
+default there) and the peak GPU memory is reported instead of the resident memory.
 """
 
 from __future__ import annotations
@@ -32,25 +37,36 @@ torch.set_num_threads(args["threads"])
 from napari_mpt_deblur.models.config import preset_config
 from napari_mpt_deblur.models.registry import build_model
 torch.manual_seed(0)
-model = build_model(preset_config(args["arch"], args["preset"], args["channels"])).eval()
+import contextlib
+dev = torch.device(args.get("device", "cpu"))
+model = build_model(preset_config(args["arch"], args["preset"], args["channels"])).eval().to(dev)
 if args["channels_last"]:
     model = model.to(memory_format=torch.channels_last)
-x = torch.rand(1, args["channels"], args["size"], args["size"])
+x = torch.rand(1, args["channels"], args["size"], args["size"], device=dev)
+cuda = dev.type == "cuda"
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 times = []
-with torch.inference_mode():
+with torch.inference_mode(), amp:
     model(x)
+    sync()
     for _ in range(args["repeats"]):
         t0 = time.perf_counter()
         model(x)
+        sync()
         times.append(time.perf_counter() - t0)
 peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"median_s": statistics.median(times), "min_s": min(times), "peak_rss_gb": peak_kb / 1024**2}))
+out = {"median_s": statistics.median(times), "min_s": min(times), "peak_rss_gb": peak_kb / 1024**2}
+if cuda:
+    out["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+print(json.dumps(out))
 """
 
 
-def measure(arch: str, preset: str, channels: int, size: int, threads: int, repeats: int, mallopt: bool, channels_last: bool) -> dict:
+def measure(arch: str, preset: str, channels: int, size: int, threads: int, repeats: int, mallopt: bool,
+            channels_last: bool, device: str = "cpu") -> dict:
     spec = dict(arch=arch, preset=preset, channels=channels, size=size, threads=threads, repeats=repeats,
-                mallopt=mallopt, channels_last=channels_last)
+                mallopt=mallopt, channels_last=channels_last, device=device)
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, check=True)
     return {**spec, **json.loads(out.stdout.strip().splitlines()[-1])}
 
@@ -66,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-mallopt", action="store_true", help="do not tune the glibc allocator")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast, synchronised timings)")
     args = p.parse_args(argv)
 
     rows = []
@@ -74,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             for channels in args.channels:
                 for size in args.sizes:
                     rows.append(measure(arch, preset, channels, size, args.threads, args.repeats,
-                                        not args.no_mallopt, not args.no_channels_last))
+                                        not args.no_mallopt, not args.no_channels_last, args.device))
     if args.json:
         print(json.dumps(rows, indent=2))
         return

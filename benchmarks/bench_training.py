@@ -14,6 +14,8 @@ Modes:
     python benchmarks/bench_training.py                          # tiny + small, CPU (+ GPU if any)
     python benchmarks/bench_training.py --presets tiny --patch 64 --batch 4 --steps 3
     python benchmarks/bench_training.py --device cuda --presets tiny,small,paper --patch 256 --batch 8
+    python benchmarks/bench_training.py --data                   # data pipeline before/after, data share
+    python benchmarks/bench_training.py --data --device cuda     # the same on a GPU
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def time_steps(arch: str, preset: str, mode: str, patch: int, batch: int, device
     trainer = _trainer(arch, preset, mode, patch, batch, device, precision)
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(batch, 1, patch, patch, generator=g)
-    batch_data = {"inp": (gt + 0.05 * torch.randn(batch, 1, patch, patch, generator=g)).clamp(0, 1), "gt": gt}
+    pairs = {"inp": (gt + 0.05 * torch.randn(batch, 1, patch, patch, generator=g)).clamp(0, 1), "gt": gt}
+    batch_data = {"size": batch, "ready": {"pos": torch.arange(batch), **pairs}, "synth": {}}
     idx = list(range(batch))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     times = []
@@ -66,17 +69,84 @@ def time_steps(arch: str, preset: str, mode: str, patch: int, batch: int, device
             "precision": str(trainer.amp).replace("torch.", "") if trainer.amp else "fp32", "gpu_peak_gib": peak}
 
 
-def time_data(patch: int, n: int) -> float:
-    """Synthetic defocus pairs per second (one process) from the bundled in-focus image."""
+def _dataset(patch: int):
     from napari_mpt_deblur.data.datasets import PatchConfig, SyntheticPatches
     from napari_mpt_deblur.data.samples import in_focus_bbbc006
 
-    ds = SyntheticPatches([in_focus_bbbc006()], PatchConfig(size=patch), seed=0)
-    ds[0]
-    t0 = time.perf_counter()
-    for i in range(1, n + 1):
-        ds[i]
-    return n / (time.perf_counter() - t0)
+    return SyntheticPatches([in_focus_bbbc006()], PatchConfig(size=patch), seed=0)
+
+
+def time_data(patch: int, n: int) -> float:
+    """Synthetic defocus pairs per second, today's device pipeline (one process)."""
+    return time_pipelines(patch, n, "cpu", batch=8)["after"]
+
+
+def time_pipelines(patch: int, n: int, device: str, batch: int = 8) -> dict:
+    """Pairs per second of the previous all-numpy pipeline ("before": a fresh psfmodels PSF,
+    skimage resize, scipy FFT blur and numpy noise per sample) and of the batched device pipeline
+    ("after": worker-side crops + ``materialise`` on ``device``), one process, alternating
+    batches so both see the same machine load. The PSF nodes the timed samples draw are filled
+    first (the steady state of a run, or of any run after the first: the bank is cached on disk)."""
+    import torch
+
+    from napari_mpt_deblur.data.datasets import collate, materialise
+    from napari_mpt_deblur.data.psf_bank import PSFBank
+
+    ds = _dataset(patch)
+    dev = torch.device(device)
+    bank = PSFBank.by_key(ds.bank_key)
+    rounds = max(1, n // batch)
+    indices = [list(range(1000 + r * batch, 1000 + (r + 1) * batch)) for r in range(rounds)]
+    bank.ensure([int(ds[i]["levels"][j]) for idx in indices for i in idx for j in range(4)])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    materialise(collate([ds[i] for i in indices[0]]), dev)  # warm-up (device copy of the bank)
+    before = after = 0.0
+    for idx in indices:
+        t0 = time.perf_counter()
+        for i in idx:
+            ds.reference_item(i)
+        before += time.perf_counter() - t0
+        sync()
+        t0 = time.perf_counter()
+        out = materialise(collate([ds[i] for i in idx]), dev)
+        sync()
+        after += time.perf_counter() - t0
+        assert out["inp"].shape == (len(idx), 1, patch, patch)
+    count = rounds * batch
+    return {"patch": patch, "device": str(dev), "pairs": count, "before": count / before, "after": count / after}
+
+
+def data_share(arch: str, preset: str, patch: int, batch: int, steps: int, device: str) -> dict:
+    """One full training step (EFCR, extended pass) with its data made by the real pipeline:
+    seconds of data (crops + device synthesis) and of the model's step, and the data's share."""
+    import torch
+
+    from napari_mpt_deblur.data.datasets import collate, materialise
+    from napari_mpt_deblur.data.psf_bank import PSFBank
+
+    trainer = _trainer(arch, preset, "efcr", patch, batch, device, "auto")
+    ds = _dataset(patch)
+    bank = PSFBank.by_key(ds.bank_key)
+    dev = trainer.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    data_t, step_t = [], []
+    for s in range(steps + 1):
+        idx = list(range(5000 + s * batch, 5000 + (s + 1) * batch))
+        bank.ensure([int(ds[i]["levels"][j]) for i in idx for j in range(4)])
+        sync()
+        t0 = time.perf_counter()
+        pairs = materialise(collate([ds[i] for i in idx]), dev)
+        sync()
+        t1 = time.perf_counter()
+        trainer._train_step(idx, {"size": batch, "ready": {"pos": torch.arange(batch), **pairs}, "synth": {}}, None)
+        sync()
+        t2 = time.perf_counter()
+        if s:  # the first step pays one-off warm-ups
+            data_t.append(t1 - t0)
+            step_t.append(t2 - t1)
+    data, step = statistics.median(data_t), statistics.median(step_t)
+    return {"arch": arch, "preset": preset, "patch": patch, "batch": batch, "device": str(dev),
+            "data_s": data, "step_s": step, "share": data / (data + step)}
 
 
 def main() -> None:
@@ -94,7 +164,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--data-samples", type=int, default=20, help="synthetic pairs to time (0 = skip)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--data", action="store_true",
+                    help="data-only mode: synthetic pairs/s before (numpy) vs after (batched device pipeline) at "
+                         "128 and 256 px, and the data's share of a full h2t_unet/paper step at 128 px")
     args = ap.parse_args()
+    if args.data:
+        return data_main(args)
 
     from napari_mpt_deblur.inference.devices import tune_cpu_allocator
 
@@ -134,6 +209,29 @@ def main() -> None:
     if data_rate is not None:
         print(f"\nsynthetic defocus pairs (physical PSF + noise, {args.patch or 64} px patches, one process): "
               f"{data_rate:.1f} pairs/s")
+
+
+def data_main(args) -> None:
+    from napari_mpt_deblur.inference.devices import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    torch.set_num_threads(args.threads or 1)
+    device = args.device or "cpu"
+    n = args.data_samples if args.data_samples else 24
+    rows = [time_pipelines(p, n, device) for p in (128, 256)]
+    share = data_share("h2t_unet", "paper", 128, args.batch or 4, args.steps, device)
+    if args.json:
+        print(json.dumps({"pairs": rows, "step": share}, indent=2))
+        return
+    print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU thread(s), device {device}")
+    print(f"{'patch':>5} {'device':<7} {'pairs':>5} {'before pairs/s':>15} {'after pairs/s':>14} {'speed-up':>9}")
+    for r in rows:
+        print(f"{r['patch']:>5} {r['device']:<7} {r['pairs']:>5} {r['before']:>15.2f} {r['after']:>14.2f} "
+              f"{r['after'] / r['before']:>8.1f}x")
+    print(f"\nfull step {share['arch']}/{share['preset']} at {share['patch']} px, batch {share['batch']}, EFCR "
+          f"(extended pass) on {share['device']}: data {share['data_s'] * 1000:.0f} ms + step "
+          f"{share['step_s'] * 1000:.0f} ms -> data is {100 * share['share']:.1f}% of the step")
 
 
 if __name__ == "__main__":

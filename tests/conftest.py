@@ -8,7 +8,17 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+_CACHE = None
+
+
 def pytest_configure(config):
+    # PSF banks are cached per user; tests keep theirs in a folder of their own.
+    global _CACHE
+    import tempfile
+
+    if "MPT_DEBLUR_CACHE_DIR" not in os.environ:
+        _CACHE = tempfile.TemporaryDirectory(prefix="mpt-deblur-test-cache-")
+        os.environ["MPT_DEBLUR_CACHE_DIR"] = _CACHE.name
     # Same allocator setting as the CLI and the napari widgets (large forward passes otherwise
     # page-fault every activation again; see inference.devices.tune_cpu_allocator).
     from napari_mpt_deblur.inference.devices import tune_cpu_allocator
@@ -28,6 +38,8 @@ def pytest_unconfigure(config):
     from napari_mpt_deblur.evaluation.stardist_process import shutdown
 
     shutdown()
+    if _CACHE is not None:
+        _CACHE.cleanup()
 
 
 import pathlib

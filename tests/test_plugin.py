@@ -28,6 +28,10 @@ def test_samples_load_through_the_manifest(make_napari_viewer_proxy):
     assert viewer.layers["U2OS nuclei labels"].data.max() == 119
     stack = viewer.layers["synthetic defocus z-stack (U2OS)"]
     assert stack.data.shape == (7, 520, 696) and tuple(stack.scale) == (4.0, 0.645, 0.645)
+    # Every sample is in micrometres at its pixel size: no "Inconsistent units" between samples.
+    for layer in viewer.layers:
+        assert [str(u) for u in layer.units][-2:] == ["micrometer", "micrometer"], (layer.name, layer.units)
+        assert tuple(layer.scale)[-2:] == (0.645, 0.645), layer.name
     # Plane 3 is in focus: it is the sharpest of the stack.
     from napari_mpt_deblur.evaluation.sharpness import brenner
 
@@ -43,3 +47,58 @@ def test_importing_the_package_is_light():
             "print(sorted(m for m in ('torch', 'tensorflow', 'napari') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_manifest_puts_the_widgets_in_napari_layer_menus():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-mpt-deblur")
+    menus = {key: [item.command for item in items] for key, items in manifest.contributions.menus.items()}
+    assert menus == {
+        "napari/layers/filter": ["napari-mpt-deblur.deblur_widget", "napari-mpt-deblur.finetune_widget"],
+        "napari/layers/segment": ["napari-mpt-deblur.compare_widget"],
+    }
+    # The `npe2 validate` command line, from the same environment as the tests.
+    npe2 = Path(sys.executable).parent / "npe2"
+    result = subprocess.run([str(npe2), "validate", "napari-mpt-deblur"], capture_output=True, text=True)
+    assert result.returncode == 0 and "valid" in result.stdout, result.stdout + result.stderr
+
+
+def test_layers_filter_menu_opens_the_deblur_widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    bar = viewer.window._qt_window.menuBar()
+    layers = next(a for a in bar.actions() if a.text().replace("&", "") == "Layers").menu()
+    filters = next(a for a in layers.actions() if a.text().replace("&", "") in ("Filter", "Filters")).menu()
+    entries = {a.text(): a for a in filters.actions()}
+    assert {"Deblur (MPT Deblur)", "Fine-tune with EFCRex (MPT Deblur)"} <= set(entries)
+    entries["Deblur (MPT Deblur)"].trigger()
+    assert "Deblur (MPT Deblur)" in viewer.window.dock_widgets
+    segment = next(a for a in layers.actions() if a.text().replace("&", "") == "Segment").menu()
+    assert "StarDist compare (MPT Deblur)" in [a.text() for a in segment.actions()]
+
+
+def test_library_and_cli_work_without_any_qt():
+    """magicgui and qtpy live in the `napari` extra: the library and the CLI must not need them."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('qtpy', 'magicgui', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'superqt'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from napari_mpt_deblur.cli import main
+import napari_mpt_deblur.inference.engine, napari_mpt_deblur.io.bioimageio, napari_mpt_deblur.models.registry
+from napari_mpt_deblur.models.registry import load_model
+load_model('h2t-unet-fluo')
+sys.exit(main(['info', '--arch', 'h2t_unet', '--preset', 'tiny', '--channels', '1', '--size', '64']))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "h2t-unet-fluo" in result.stdout

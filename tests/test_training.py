@@ -282,19 +282,19 @@ def test_paired_plane_and_zstack_sources(tmp_path):
 def test_synthetic_patches_are_deterministic_blurred_and_normalised():
     img = in_focus_bbbc006()
     ds = D.SyntheticPatches([img], D.PatchConfig(size=64), DefocusRange(peak_photons=None), seed=3)
-    a, b, c = ds[0], ds[0], ds[1]
+    a, b, c = ds.pair(0), ds.pair(0), ds.pair(1)
     assert torch.equal(a["inp"], b["inp"]) and not torch.equal(a["inp"], c["inp"])
     # Normalised by the whole (context) image's percentiles, as inference does, not the patch's:
     # background patches stay dark instead of being stretched to [0, 1].
-    maxima = [float(ds[i]["inp"].max()) for i in range(12)]
+    maxima = [float(ds.pair(i)["inp"].max()) for i in range(12)]
     assert min(maxima) < 0.5 < max(maxima)
     # Same image as uint16 and as float in [0, 1]: the same sample.
     as_float = D.SyntheticPatches([img.astype(np.float32) / 65535], D.PatchConfig(size=64),
                                   DefocusRange(peak_photons=None), seed=3)
-    assert torch.allclose(as_float[0]["inp"], a["inp"], atol=1e-4)
+    assert torch.allclose(as_float.pair(0)["inp"], a["inp"], atol=1e-4)
     # Blur: the input has less high-frequency energy than the target on average.
     hf = lambda t: float(np.abs(np.diff(t.numpy(), axis=-1)).mean())
-    assert np.mean([hf(ds[i]["inp"]) < hf(ds[i]["gt"]) for i in range(8)]) >= 0.75
+    assert np.mean([hf(ds.pair(i)["inp"]) < hf(ds.pair(i)["gt"]) for i in range(8)]) >= 0.75
     un = D.UnlabeledPatches([img], D.PatchConfig(size=40), seed=0)
     assert un[2]["inp"].shape == (1, 40, 40) and set(un[2]) == {"inp"}
 

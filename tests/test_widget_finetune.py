@@ -61,9 +61,35 @@ def test_stop_ends_early_and_saved_model_loads_in_deblur_list(qtbot, wait_for_wo
     assert "tuned-by-test" in deblur.model.choices
     # Saving again under the same name never overwrites.
     assert widget.save() is None and "already exists" in widget.status.value
+    # A typed name is a name, never a path out of the user model folder (issue 13), and a shipped
+    # model's name is refused (it could never be chosen by name).
+    from napari_mpt_deblur.models.registry import user_models_dir
+
+    root = user_models_dir().parent
+    before = sorted(p.name for p in root.parent.rglob("*"))
+    for name, message in (("../../escape-name", "path separator"), ("h2t-unet-fluo", "name of a shipped model"),
+                          ("", "give the model a name")):
+        widget.model_name.value = name
+        assert widget.save() is None and message in widget.status.value, widget.status.value
+    assert sorted(p.name for p in root.parent.rglob("*")) == before
 
 
 def test_start_without_unlabeled_layers_is_reported(viewer_and_widget):
     _viewer, widget = viewer_and_widget
     assert widget.start() is None
     assert "unlabeled" in widget.status.value
+
+
+def test_loss_plot_follows_napari_theme(viewer_and_widget):
+    from matplotlib.colors import to_hex
+    from napari.utils.theme import get_theme
+
+    viewer, widget = viewer_and_widget
+    for name in ("dark", "light"):
+        viewer.theme = name
+        theme = get_theme(name)
+        ax = widget._line.axes
+        assert to_hex(widget._figure.get_facecolor()) == theme.background.as_hex()
+        assert to_hex(ax.get_facecolor()) == theme.background.as_hex()
+        assert to_hex(ax.xaxis.label.get_color()) == theme.text.as_hex()
+    assert get_theme("dark").background.as_hex() != get_theme("light").background.as_hex()

@@ -69,11 +69,27 @@ def geometry_kwargs(layer) -> dict[str, Any]:
 
 
 def model_choices() -> list[str]:
-    """Installed model names, shipped ones first (see :func:`models.registry.list_models`)."""
-    from .models.registry import list_models
+    """Installed model names, shipped ones first: the names of :func:`models.registry.list_models`,
+    found without importing torch (the registry imports it, ~3-20 s on a small machine) so that a
+    widget appears at once; tests check both lists agree."""
+    import os
+    from pathlib import Path
 
+    from .models import RECOMMENDED_MODEL
+
+    def records(folder: Path) -> list[str]:
+        if not folder.is_dir():
+            return []
+        return sorted(p.stem for p in folder.glob("*.json") if p.with_suffix(".safetensors").is_file())
+
+    shipped = sorted(records(Path(__file__).parent / "models" / "weights"), key=lambda n: n != RECOMMENDED_MODEL)
+    user_dir = os.environ.get("MPT_DEBLUR_MODELS_DIR")
+    if not user_dir:
+        from platformdirs import user_data_dir
+
+        user_dir = str(Path(user_data_dir("napari-mpt-deblur")) / "models")
     seen: list[str] = []
-    for name, _path, _origin in list_models():
+    for name in shipped + records(Path(user_dir)):
         if name not in seen:
             seen.append(name)
     return seen
@@ -93,3 +109,109 @@ def notify_info(message: str) -> None:
     from napari.utils.notifications import show_info
 
     show_info(message)
+
+
+def status_line(label) -> None:
+    """Make a magicgui ``Label`` a status line that wraps, never widens its dock, and never grows
+    past three lines.
+
+    A long status (a StarDist model path, an error) used to set the dock's minimum width and
+    push buttons, table and plot off-screen (issue 13). The label ignores its text's width for
+    layout, wraps at spaces, and shows the full text as its tooltip.
+    """
+    from qtpy.QtWidgets import QSizePolicy
+
+    native = label.native
+    native.setWordWrap(True)
+    native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    native.setMinimumWidth(1)
+    # At most three lines: a longer message would push the buttons and plot below it off the
+    # dock; the full text is in the tooltip.
+    native.setMaximumHeight(3 * native.fontMetrics().lineSpacing() + 4)
+    # magicgui sets a Label's text through QLabel.setText (a Label emits no "changed"): keep the
+    # tooltip in step there.
+    set_text = native.setText
+
+    def set_text_and_tooltip(text: str) -> None:
+        set_text(text)
+        native.setToolTip(text)
+
+    native.setText = set_text_and_tooltip
+
+
+def keep_labels_readable(container) -> None:
+    """Re-size a container's row labels to their real text width whenever its style or font
+    changes (magicgui measures them with the application font before napari's stylesheet makes
+    them larger, which cut "unlabeled (blurry) layers")."""
+    from qtpy.QtCore import QEvent, QObject
+    from qtpy.QtWidgets import QLabel
+
+    names = {w.label for w in container if getattr(w, "label", "")}
+
+    def fit() -> None:
+        labels = [lab for lab in container.native.findChildren(QLabel) if lab.text() in names]
+        if labels:
+            widest = max(lab.sizeHint().width() for lab in labels)
+            for lab in labels:
+                lab.setMinimumWidth(widest)
+
+    class _Fitter(QObject):
+        def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+            if event.type() in (QEvent.Type.Show, QEvent.Type.StyleChange, QEvent.Type.FontChange,
+                                QEvent.Type.Polish):
+                fit()
+            return False
+
+    fitter = _Fitter(container.native)
+    container.native.installEventFilter(fitter)
+    fit()
+
+
+def rgb_display_kwargs(data: Any) -> dict[str, Any]:
+    """``contrast_limits`` for a float RGB(A) output layer: its 0.1 / 99.9 percentiles (on at most
+    ~1 M values), so a restoration in the input's units (e.g. 0-255) is not shown saturated."""
+    if not np.issubdtype(np.dtype(data.dtype), np.floating):
+        return {}
+    flat = np.asarray(data[..., :3]).ravel() if isinstance(data, np.ndarray) else None
+    if flat is None or flat.size == 0:
+        return {}
+    flat = flat[:: max(1, flat.size // 1_000_000)]
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return {}
+    lo, hi = (float(v) for v in np.percentile(flat, (0.1, 99.9)))
+    return {"contrast_limits": (lo, hi if hi > lo else lo + 1.0)}
+
+
+def scale_rgb_thumbnail(layer) -> None:
+    """Draw a float RGB layer's thumbnail through its contrast limits, as the canvas does.
+
+    napari (0.9) builds an RGB thumbnail from the raw values, so any float RGB layer with values
+    above 1 gets a white thumbnail whatever its contrast limits (issue 13). This replaces the
+    layer's thumbnail update with one that scales by the contrast limits; other layers untouched.
+    """
+    if not (getattr(layer, "rgb", False) and np.issubdtype(np.dtype(layer.dtype), np.floating)):
+        return
+    # Plugins get napari's public-only proxies; the thumbnail hook lives on the layer itself.
+    layer = getattr(layer, "__wrapped__", layer)
+    original = layer._update_thumbnail
+
+    def update(*args, **kwargs):
+        try:
+            image = np.asarray(layer._slice.thumbnail.raw, dtype=np.float32)
+        except Exception:  # napari internals changed: keep napari's own thumbnail
+            return original(*args, **kwargs)
+        if image.ndim == 4:  # 3D display: max projection, as napari does
+            image = image.max(axis=0)
+        if image.ndim != 3 or 0 in image.shape:
+            return original(*args, **kwargs)
+        step = max(1, int(np.ceil(max(image.shape[0], image.shape[1]) / max(layer._thumbnail_shape[:2]))))
+        small = image[::step, ::step]
+        lo, hi = layer.contrast_limits
+        rgb = np.clip((small[..., :3] - lo) / ((hi - lo) or 1.0), 0, 1)
+        alpha = small[..., 3:4].clip(0, 1) if small.shape[-1] == 4 else np.ones(rgb.shape[:2] + (1,), np.float32)
+        layer.thumbnail = (np.concatenate([rgb, alpha * layer.opacity], axis=2) * 255).astype(np.uint8)
+
+    layer._update_thumbnail = update
+    layer.events.contrast_limits.connect(lambda _event: update())
+    update()

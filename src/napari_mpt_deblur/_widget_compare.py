@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, Table
 
-from ._widget_common import geometry_kwargs, layer_data, notify_error, notify_info
+from ._widget_common import geometry_kwargs, keep_labels_readable, layer_data, notify_error, notify_info, status_line
 
 if TYPE_CHECKING:
     import napari
@@ -59,6 +59,8 @@ class CompareWidget(Container):
         self.extend([self.before, self.after, self.sharp, self.ground_truth, self.stardist_model, self.model_folder,
                      self.run_button, self.status, self.table, self.csv_path, self.export_button])
         self._figure, self._canvas = self._make_plot()
+        status_line(self.status)
+        keep_labels_readable(self)
         self.run_button.changed.connect(self.run)
         self.export_button.changed.connect(self.export_csv)
         self.worker = None
@@ -159,7 +161,8 @@ class CompareWidget(Container):
         self._plot()
         self.export_button.enabled = True
         counts = ", ".join(f"{r['image']}: {r['objects']}" for r in self.rows)
-        self.status.value = f"done ({result.model}); nuclei {counts}"
+        # Counts first: the model's description can hold a long folder path (full text: tooltip).
+        self.status.value = f"done; nuclei {counts} (StarDist: {result.model})"
 
     def _plot(self) -> None:
         self._figure.clear()
@@ -201,4 +204,6 @@ class CompareWidget(Container):
 
 
 def _fmt(value: Any) -> Any:
+    if isinstance(value, float) and value != value:  # NaN: 0/0, e.g. AP with no nuclei anywhere
+        return "undefined"
     return round(value, 4) if isinstance(value, float) else value

@@ -29,6 +29,9 @@ from ._widget_common import (
     model_events,
     notify_error,
     notify_info,
+    rgb_display_kwargs,
+    scale_rgb_thumbnail,
+    status_line,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +72,47 @@ def _path_or_none(file_edit: FileEdit) -> Path | None:
     return Path(text).expanduser() if text else None
 
 
-def device_choices() -> list[str]:
+class _PreloadRelay(QObject):
+    """Tells the GUI thread that the background preload finished (torch imported, model loaded)."""
+
+    done = Signal()
+
+
+def preload(model: str, torch_ready: threading.Event, tile_shape: tuple[int, int] = (512, 512), done=None,
+            clicked: threading.Event | None = None) -> None:
+    """Background work at widget creation, so the first click pays for none of it: import torch
+    and the engine, tune the allocator, load ``model`` into the process-wide cache and run one
+    tile of ``tile_shape`` through it (first-call allocations and kernel selection), unless
+    ``clicked`` is already set (then the real run would only compete with the warm-up).
+    Errors are ignored here: the click reports them with context.
+    """
+    try:
+        from .inference.devices import tune_cpu_allocator
+
+        tune_cpu_allocator()
+        torch_ready.set()
+        from .inference.compiled import warm_up
+        from .inference.engine import Deblurrer, InferenceSettings
+
+        engine = Deblurrer(model, InferenceSettings())
+        if clicked is None or not clicked.is_set():
+            warm_up(engine, *tile_shape)
+    except Exception:  # noqa: BLE001 - a preload must never raise into a thread
+        pass
+    finally:
+        torch_ready.set()
+        if done is not None:
+            try:
+                done()
+            except RuntimeError:  # the widget was closed meanwhile
+                pass
+
+
+def device_choices(probe: bool = True) -> list[str]:
+    """Devices to offer. ``probe=False``: ``auto`` and ``cpu`` only, without importing torch (the
+    Deblur widget's first paint; its preload refreshes the list once torch is imported)."""
+    if not probe:
+        return ["auto", "cpu"]
     import torch
 
     choices = ["auto", "cpu"]
@@ -109,8 +152,13 @@ class DeblurWidget(Container):
         self._viewer = napari_viewer
         self.image = create_widget(annotation=Image, label="image")
         self.model = ComboBox(label="model", choices=lambda _w: model_choices() or ["(no models installed)"])
-        self.model_file = FileEdit(label="or model file", mode="r", filter="*.json *.safetensors", value="")
-        self.device = ComboBox(label="device", choices=device_choices(), value="auto")
+        # A bioimage.io package exported by mpt-deblur (.zip, or rdf.yaml of an unpacked one) loads too.
+        self.model_file = FileEdit(label="or model file", mode="r",
+                                   filter="*.json *.safetensors *.zip *.yaml", value="")
+        self._torch_ready = threading.Event()
+        self._clicked = threading.Event()  # set by run(): the preload then skips its warm-up pass
+        self.device = ComboBox(label="device", choices=lambda _w: device_choices(probe=self._torch_ready.is_set()),
+                               value="auto")
         self.tile = SpinBox(label="tile px (0 = auto)", min=0, max=8192, step=64, value=0)
         self.overlap = SpinBox(label="overlap px (-1 = auto)", min=-1, max=2048, step=8, value=-1)
         self.axes = LineEdit(label="axes (empty = from layer)", value="")
@@ -126,6 +174,7 @@ class DeblurWidget(Container):
             self.output_dtype, self.save_zarr, self.zarr_path, self.run_button, self.cancel_button,
             self.progress, self.status,
         ])
+        status_line(self.status)
         self._relay = _ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         self.run_button.changed.connect(self.run)
@@ -135,6 +184,30 @@ class DeblurWidget(Container):
         self.worker = None
         #: The layer the last successful run added (for scripts and tests).
         self.last_layer = None
+        self._start_preload()
+
+    def _start_preload(self) -> None:
+        """Import torch, load the selected model and warm it up on a background thread (see :func:`preload`)."""
+        self._preload_relay = _PreloadRelay()
+        self._preload_relay.done.connect(self._on_preloaded)
+        name = self.model.value
+        if not name or name.startswith("("):
+            self._torch_ready.set()
+            return
+        layer = self.image.value
+        shape = tuple(layer_data(layer).shape[-2:]) if layer is not None and not layer.rgb else (512, 512)
+        # Not a daemon: a process exiting mid-forward would abort in torch's C++ teardown, so
+        # exit waits for the (one-tile) preload instead.
+        self.preload_thread = threading.Thread(
+            target=preload, args=(name, self._torch_ready, shape, self._preload_relay.done.emit, self._clicked),
+            name="mpt-deblur-preload", daemon=False)
+        self.preload_thread.start()
+
+    def _on_preloaded(self) -> None:
+        try:
+            self.device.reset_choices()  # now with the GPUs torch found
+        except RuntimeError:  # the widget's Qt side is gone
+            pass
 
     def _refresh_models(self) -> None:
         """List newly saved models; a widget whose Qt side is gone (viewer closed) unsubscribes."""
@@ -196,6 +269,7 @@ class DeblurWidget(Container):
             self.status.value = f"error: {exc}"
             return None
         self._cancel_event = threading.Event()
+        self._clicked.set()
         self.progress.value = 0
         self.status.value = f"deblurring {request.layer_name} ({request.axes}) with {Path(request.model).name}..."
         # Passing "errored" here stops napari from re-raising worker errors into the event loop.
@@ -227,10 +301,12 @@ class DeblurWidget(Container):
         if request.colormap:
             kwargs["colormap"] = request.colormap
         model_name = meta["mpt_deblur"]["model"]["name"]
+        rgb = request.axes.endswith("C") and data.shape[-1] in (3, 4)
         self.last_layer = self._viewer.add_image(
             data, name=f"{request.layer_name} deblurred ({model_name})", metadata=meta,
-            rgb=request.axes.endswith("C") and data.shape[-1] in (3, 4), **kwargs,
+            rgb=rgb, **kwargs, **(rgb_display_kwargs(data) if rgb else {}),
         )
+        scale_rgb_thumbnail(self.last_layer)
         untrained = "" if meta["mpt_deblur"]["model"]["trained"] else " (UNTRAINED model)"
         self.status.value = f"done: {self.last_layer.name}{untrained}"
 

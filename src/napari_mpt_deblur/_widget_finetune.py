@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton, Select, SpinBox
 
-from ._widget_common import layer_data, model_choices, model_events, notify_error, notify_info
+from ._widget_common import (keep_labels_readable, layer_data, model_choices, model_events, notify_error,
+                             notify_info, status_line)
 
 if TYPE_CHECKING:
     import napari
@@ -72,6 +73,8 @@ class FinetuneWidget(Container):
                      self.batch, self.patch, self.device, self.start_button, self.stop_button, self.status,
                      self.model_name, self.save_path, self.save_button])
         self._figure, self._canvas, self._line = self._make_plot()
+        status_line(self.status)
+        keep_labels_readable(self)
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
         self.save_button.changed.connect(self.save)
@@ -96,8 +99,40 @@ class FinetuneWidget(Container):
         (line,) = ax.plot([], [], color="tab:orange")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
+        # No run yet: no axes (an empty 0-1 frame means nothing), just what will appear here.
+        ax.set_axis_off()
+        self._placeholder = ax.text(0.5, 0.5, "the training loss is plotted here\nonce fine-tuning starts",
+                                    ha="center", va="center", color="0.5", transform=ax.transAxes)
         self.native.layout().addWidget(canvas)
+        self._apply_theme(figure, ax)
+        # Follow napari's theme (dark/light/system) instead of matplotlib's white box.
+        self._viewer.events.theme.connect(self._on_theme)
         return figure, canvas, line
+
+    def _theme_colors(self) -> dict[str, str]:
+        """napari's current theme as hex colours: background, text, axes lines (foreground), highlight."""
+        from napari.utils.theme import get_theme
+
+        theme = get_theme(self._viewer.theme)
+        return {k: getattr(theme, k).as_hex() for k in ("background", "text", "foreground", "highlight")}
+
+    def _apply_theme(self, figure, ax) -> None:
+        colors = self._theme_colors()
+        figure.set_facecolor(colors["background"])
+        ax.set_facecolor(colors["background"])
+        for spine in ax.spines.values():
+            spine.set_color(colors["foreground"])
+        ax.tick_params(colors=colors["text"], which="both")
+        ax.xaxis.label.set_color(colors["text"])
+        ax.yaxis.label.set_color(colors["text"])
+        self._placeholder.set_color(colors["text"])
+
+    def _on_theme(self, _event=None) -> None:
+        try:
+            self._apply_theme(self._figure, self._line.axes)
+            self._canvas.draw_idle()
+        except RuntimeError:  # the Qt canvas is gone (viewer closed): stop following
+            self._viewer.events.theme.disconnect(self._on_theme)
 
     # ---- start / stop ----------------------------------------------------------------------
 
@@ -182,6 +217,9 @@ class FinetuneWidget(Container):
         steps = range(1, len(self.losses) + 1)
         self._line.set_data(list(steps), self.losses)
         ax = self._line.axes
+        if not ax.axison:
+            ax.set_axis_on()
+            self._placeholder.set_visible(False)
         ax.relim()
         ax.autoscale_view()
         self._canvas.draw_idle()
@@ -204,7 +242,7 @@ class FinetuneWidget(Container):
 
     def save(self) -> Path | None:
         """Save the fine-tuned weights; the Deblur widget's model list picks the model up."""
-        from .models.registry import user_models_dir
+        from .models.registry import sanitise_model_name
 
         if self.tuner is None or self.tuner.trainer.step == 0:
             self.status.value = "nothing to save yet: run a fine-tune first"
@@ -214,9 +252,11 @@ class FinetuneWidget(Container):
         if not typed and not name:
             self.status.value = "give the model a name or a file"
             return None
-        path = Path(typed) if typed else user_models_dir() / name
         try:
-            self.saved_path = self.tuner.save(path)
+            # A typed name is only ever a NAME in the user model folder (never a path: no "../"),
+            # a chosen file is a path; the registry refuses shipped names for both.
+            target = Path(typed).absolute() if typed else sanitise_model_name(name)
+            self.saved_path = self.tuner.save(target)
         except Exception as exc:
             self.status.value = f"error: {exc}"
             notify_error(exc, "Save model")

@@ -65,7 +65,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
     from .models.complexity import describe
     from .models.config import ARCHITECTURES, PRESETS
-    from .models.registry import list_models, read_record
+    from .models.registry import list_models, read_record, shadowed_models
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     archs = ARCHITECTURES if args.arch == "all" else (args.arch,)
@@ -73,10 +73,12 @@ def _run_info(args: argparse.Namespace) -> int:
     channels = (1, 3) if args.channels is None else (args.channels,)
     rows = [describe(a, p, c, args.size).as_dict() for a in archs for p in presets for c in channels]
     models = []
+    shadowed = {p for _n, p in shadowed_models()}
     for name, path, origin in list_models():
         rec = read_record(path)
         models.append({"name": name, "origin": origin, "path": str(path), "arch": rec.architecture.arch,
-                       "preset": rec.architecture.preset, "trained": rec.trained})
+                       "preset": rec.architecture.preset, "trained": rec.trained,
+                       "reachable_by_name": path not in shadowed})
     if args.json:
         print(json.dumps({"architectures": rows, "models": models}, indent=2))
         return EXIT_OK
@@ -94,6 +96,8 @@ def _run_info(args: argparse.Namespace) -> int:
         print("Installed models:")
         for m in models:
             flag = "" if m["trained"] else "  (UNTRAINED)"
+            if not m["reachable_by_name"]:
+                flag += "  (SHADOWED by the shipped model of this name: load it by path or rename it)"
             print(f"  {m['name']:<24} {m['origin']:<8} {m['arch']}/{m['preset']}{flag}  {m['path']}")
     else:
         print("Installed models: none (the demo falls back to untrained weights)")
@@ -156,6 +160,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="percentile range per 2D plane (default) or one range for the whole stack")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for the tile shape (default: per device, see docs/performance.md); "
+                        "falls back to eager with a warning if compiling fails")
     p.set_defaults(handler=_run_predict)
 
 
@@ -177,9 +184,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     try:
         settings = InferenceSettings(tile=args.tile, overlap=args.overlap, batch_size=args.batch, device=args.device,
                                      precision=args.precision, output_dtype=args.dtype,
-                                     normalisation_scope=args.normalisation)
+                                     normalisation_scope=args.normalisation, compile=args.compile)
     except ValidationError as exc:
-        raise CommandError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        # Name the command-line flag, not the settings field behind it (issue 13: "--batch_size").
+        flags = {"batch_size": "batch", "output_dtype": "dtype", "normalisation_scope": "normalisation"}
+        raise CommandError("; ".join(f"--{flags.get(str(e['loc'][0]), str(e['loc'][0])) if e['loc'] else 'settings'}: "
+                                     f"{e['msg']}" for e in exc.errors())) from None
     tune_cpu_allocator()
     engine = Deblurrer(args.model, settings)
     source = read_image(args.input, axes=args.axes, model_channels=engine.in_channels)
@@ -247,21 +257,49 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
     p.add_argument("--steps", type=int, default=None, help="override the config's total steps")
     p.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda, cuda:N, mps)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="train for this long instead of a number of steps: the schedule is laid over the steps that "
+                        "fit, and the run validates, checkpoints and exports its best model before the time is up")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from this model's weights (a shipped or user model name, or a path) with a fresh "
+                        "optimiser; its architecture is used")
+    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size (per process)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="split each batch into N micro-batches (same update, 1/N of the activation memory)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute activations per block in the backward pass (less memory, ~1/3 more compute)")
+    p.add_argument("--num-workers", default=None, help="data-loading workers: a number or auto")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the measured activation memory per sample of this config at its patch size "
+                        "(with and without --checkpointing) and exit without training")
     p.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from .inference.devices import tune_cpu_allocator
     from .training.checkpoint import CheckpointError
-    from .training.config import ConfigError, load_config
+    from .training.config import ConfigError, load_config, parse_config
     from .training.trainer import train
 
     tune_cpu_allocator()
     try:
         config = load_config(args.config)
-        update = {k: v for k, v in (("out_dir", args.out), ("steps", args.steps), ("device", args.device)) if v is not None}
-        if update:
-            config = type(config).model_validate({**config.model_dump(), **update})
+        update = {k: v for k, v in (("out_dir", args.out), ("steps", args.steps), ("device", args.device),
+                                    ("time_budget_minutes", args.time_budget), ("batch_size", args.batch_size),
+                                    ("grad_accum", args.grad_accum), ("num_workers", args.num_workers))
+                  if v is not None}
+        if args.checkpointing:
+            update["checkpointing"] = True
+        raw = config.model_dump()
+        if args.init_from is not None:
+            raw["model"] = {**raw["model"], "init": args.init_from}
+        if update or args.init_from is not None:
+            config = parse_config({**raw, **update}, str(args.config))
+        if args.estimate_memory:
+            from .training.memory import format_estimates, estimate_config
+
+            print(format_estimates(estimate_config(config)))
+            return EXIT_OK
         result = train(config, resume=args.resume)
     except (ConfigError, CheckpointError) as exc:
         raise CommandError(str(exc)) from exc
@@ -287,7 +325,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch", type=int, default=128, help="patch side in pixels (rounded up to the model's size factor)")
     p.add_argument("--beta", type=float, default=None, help="weight of the EFCRex term (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="where to save the fine-tuned model (stem or .safetensors)")
+    p.add_argument("--out", required=True,
+                   help="model name (saved in the user model folder, then usable as --model NAME anywhere) "
+                        "or a file path (stem or .safetensors); shipped model names are refused")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=_run_finetune)
 
@@ -297,16 +337,14 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     from .data.datasets import load_images
     from .inference.devices import tune_cpu_allocator
-    from .models.registry import model_paths
+    from .models.registry import ModelNameError, model_save_target
     from .training.finetune import FINETUNE_BETA, FineTuner
 
     tune_cpu_allocator()
-    weights, record = model_paths(args.out)
-    if weights.exists() or record.exists():
-        raise CommandError(f"{record} already exists; choose another --out")
-    for name in ("steps", "batch", "patch"):
-        if getattr(args, name) < 1:
-            raise CommandError(f"--{name} must be at least 1")
+    try:  # a bare name goes to the user model folder; checked before any training (issue 13)
+        model_save_target(args.out)
+    except (ModelNameError, FileExistsError) as exc:
+        raise CommandError(f"--out: {exc}") from None
     unlabeled, _ = load_images(args.unlabeled)
     sharp = load_images(args.sharp)[0] if args.sharp is not None else None
     tuner = FineTuner(args.model, unlabeled, sharp, steps=args.steps, lr=args.lr, batch=args.batch, patch=args.patch,
@@ -315,7 +353,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         for rec in tuner.steps():
             bar.set_postfix(loss=f"{rec.losses['loss']:.4g}", l_ext=f"{rec.losses.get('l_ext', float('nan')):.3g}")
             bar.update(1)
-    path = tuner.save(args.out)
+    path = tuner.save(args.out)  # the same rule as the check above (model_save_target)
     print(f"fine-tuned {tuner.trainer.step} steps on {len(unlabeled)} unlabeled images; model: {path}")
     return EXIT_OK
 
@@ -478,26 +516,63 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="write a training run's best or last checkpoint as a model file",
-        description=("Turn a checkpoint of `mpt-deblur train` into a standalone model (safetensors + JSON with the "
-                     "training provenance) that predict, the napari widgets and finetune load by path, or by name "
-                     "when written into the user model folder."),
+        "export", help="write a training run's checkpoint as a model file, or a model as a bioimage.io package",
+        description=("Two formats. model (default): turn a checkpoint of `mpt-deblur train` into a standalone model "
+                     "(safetensors + JSON with the training provenance) that predict, the napari widgets and finetune "
+                     "load by path, or by name when written into the user model folder: "
+                     "`mpt-deblur export RUN OUT`. bioimageio: write MODEL (a model name or model file) as a "
+                     "bioimage.io model package (spec 0.5) for deepImageJ, ilastik, QuPath, BiaPy and bioimageio.core: "
+                     "`mpt-deblur export MODEL --format bioimageio --out DIR_OR_ZIP` (needs the 'bioimageio' extra). "
+                     "See docs/cli.md."),
     )
-    p.add_argument("run", type=Path, help="run folder (with checkpoints/) or its checkpoints folder")
-    p.add_argument("out", type=Path, help="output path stem, e.g. ~/.local/share/napari-mpt-deblur/models/my-model")
-    p.add_argument("--which", choices=("best", "last"), default="best")
-    p.add_argument("--name", default=None, help="model name recorded in the file (default: the checkpoint's)")
-    p.add_argument("--description", default=None)
+    p.add_argument("run", type=Path, metavar="SOURCE",
+                   help="model: run folder (with checkpoints/) or its checkpoints folder; bioimageio: model name or path")
+    p.add_argument("out", type=Path, nargs="?", default=None, metavar="OUT",
+                   help="model: output path stem, e.g. ~/.local/share/napari-mpt-deblur/models/my-model")
+    p.add_argument("--format", choices=("model", "bioimageio"), default="model", dest="export_format",
+                   help="model (safetensors + JSON, default) or bioimageio (a model zoo package)")
+    p.add_argument("--out", dest="out_option", type=Path, default=None,
+                   help="output (same as the positional OUT); bioimageio: a folder, or a file ending in .zip")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="model format: which checkpoint")
+    p.add_argument("--name", default=None, help="model format: name recorded in the file (default: the checkpoint's)")
+    p.add_argument("--description", default=None, help="model format: description recorded in the file")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="weight storage type (float16 halves the file)")
+                   help="model format: weight storage type (float16 halves the file)")
+    p.add_argument("--no-torchscript", action="store_true",
+                   help="bioimageio: only pytorch_state_dict weights (default: add torchscript when a trace matches)")
+    p.add_argument("--test", action="store_true",
+                   help="bioimageio: run bioimageio.core's test on the written package (offline, CPU)")
+    p.add_argument("--overwrite", action="store_true", help="bioimageio: replace OUT if it exists")
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.out is not None and args.out_option is not None and args.out != args.out_option:
+        raise CommandError(f"two outputs given ({args.out} and --out {args.out_option}); give one")
+    out = args.out if args.out is not None else args.out_option
+    if out is None:
+        raise CommandError("no output: give OUT (or --out)")
+    if args.export_format == "bioimageio":
+        from .io.bioimageio import BioimageioError, export_bioimageio, run_bioimageio_test
+
+        try:
+            result = export_bioimageio(args.run, out, torchscript=not args.no_torchscript, overwrite=args.overwrite,
+                                       log=lambda m: print(m, file=sys.stderr))
+        except BioimageioError as exc:
+            raise CommandError(str(exc)) from exc
+        print(f"wrote {result.path} (bioimage.io model package; weights: {', '.join(result.weight_formats)})")
+        if args.test:
+            summary = run_bioimageio_test(result.path)
+            print(f"bioimageio.core test: {summary.status}")
+            if summary.status not in ("passed", "valid-format"):
+                print(summary.format(), file=sys.stderr)
+                return EXIT_ERROR
+        return EXIT_OK
+
     from .training.checkpoint import CheckpointError, export_checkpoint
 
     try:
-        path = export_checkpoint(args.run, args.out, which=args.which, name=args.name,
+        path = export_checkpoint(args.run, out, which=args.which, name=args.name,
                                  description=args.description, dtype=args.dtype)
     except CheckpointError as exc:
         raise CommandError(str(exc)) from exc
@@ -524,8 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    # Our own warnings (e.g. an oversized --patch) are messages for the user: one line, no source line.
+    warnings.formatwarning = lambda message, category, *a, **k: (
+        f"mpt-deblur {args.command}: warning: {message}\n" if category is UserWarning
+        else formatwarning(message, category, *a, **k))
     try:
         return int(args.handler(args) or EXIT_OK)
     except KeyboardInterrupt:
@@ -537,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         print(f"mpt-deblur {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..io.images import ImageReadError, read_array
 from .normalisation import NormalisationConfig, normalise, percentile_range
 from .psf import defocus_psf
-from .synthesis import DefocusRange, add_camera_noise, blur, synthesize_depth
+from .synthesis import DEPTH_LEVELS, DefocusRange, add_camera_noise, blur, synthesize_depth
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
 
@@ -215,22 +215,32 @@ class PairedPatches(_Base):
 
 
 class SyntheticPatches(_Base):
-    """Synthetic defocus pairs made on the fly from sharp images (the default training source).
+    """Synthetic defocus pairs from sharp images (the default training source), made in two halves.
 
-    Per sample: pick an image, draw microscope settings from ``defocus`` (:class:`DefocusRange`)
-    and a random scale; take a CONTEXT window of the (scaled) image of up to ``context`` pixels
-    (the whole image when it is that small) around a random patch position; blur the window with
-    the physical PSF (optionally with per-object depths), add Poisson-Gaussian noise; normalise
-    by the noisy window's percentile range (what inference does with the whole image), cut the
-    patch and flip/rotate it. The window, not the patch, sets the normalisation: a 64 px patch of
-    background would otherwise be stretched to [0, 1] and teach the network the wrong intensities.
-    With ``labels`` and ``per_object_prob`` > 0, some samples give every labeled object its own
-    defocus (mask-based depth synthesis).
+    Here, in the data workers (cheap, per sample): pick an image, draw the optics from ``defocus``
+    (:class:`DefocusRange`; the PSF is the nearest node of its
+    :class:`~napari_mpt_deblur.data.psf_bank.PSFBank`, no PSF is computed per sample), a random
+    scale, patch position and flip/rotation; cut the sharp CONTEXT of the patch (patch plus the
+    kernel's support, real image content, reflect-padded only past the image border) and a coarse
+    copy of a wide window (``context`` px) for the normalisation; with ``labels`` and
+    ``per_object_prob`` > 0 some samples give every labeled object one of three depths
+    (mask-based depth synthesis). ``dataset[i]`` returns these as a dict with a ``"bank"`` key.
+
+    On the training device, for the whole batch (:mod:`~napari_mpt_deblur.data.device_synthesis`,
+    called through :func:`materialise`): blur by FFT, Poisson-Gaussian noise, and normalisation
+    of input and target by the percentiles of the blurred noisy wide window (what inference does
+    with the whole image: a background patch stays dark instead of being stretched to [0, 1]).
+    :meth:`pair` does both halves for one sample (tests, notebooks); :meth:`reference_item` is the
+    previous all-numpy pipeline (a fresh PSF per sample), kept as the reference that
+    ``benchmarks/bench_training.py --data`` compares against.
     """
 
     def __init__(self, sharp: Sequence[np.ndarray], patch: PatchConfig, defocus: DefocusRange | None = None,
                  seed: int = 0, labels: Sequence[np.ndarray] | None = None, per_object_prob: float = 0.0,
                  names: Sequence[str] | None = None, context: int = 768) -> None:
+        from .device_synthesis import coarse_factor
+        from .psf_bank import PSFBank
+
         if not sharp:
             raise ValueError("no sharp images for synthetic pairs")
         self.images = [reference_units(as_2d(s, f"sharp image {i}"), norm=patch.normalisation)[0]
@@ -244,11 +254,100 @@ class SyntheticPatches(_Base):
         self.seed = seed
         self.per_object_prob = per_object_prob
         self.context = max(context, patch.size)
+        bank = PSFBank.for_range(self.defocus)
+        self.bank_key = bank.key
+        self.grids = bank.grids  # node lookup only: the kernels stay in the training process
+        self.kernel_size = self.defocus.max_kernel
+        self.coarse = coarse_factor(self.context)
+        self.coarse_side = math.ceil(self.context / self.coarse)
+        # Block-mean copies for the wide normalisation window: its crop is then already close to
+        # the coarse grid (the smallest training scale still needs no upsampling).
+        self.pool = max(1, 2 ** int(math.log2(max(1.0, self.coarse * min(self.patch.scale)))))
+        self.pooled = [_block_mean(im, self.pool) for im in self.images]
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def _node(self, draw, radius_px: float | None = None) -> int:
+        grid = self.grids[draw.objective]
+        return grid.node(draw.wavelength_um / draw.pixel_um, draw.radius_px if radius_px is None else radius_px)
+
     def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, index)
+        k = int(rng.integers(len(self.images)))
+        img = self.images[k]
+        draw = self.defocus.draw(rng)
+        p, ks = self.patch.size, self.kernel_size
+        side = p + ks - 1
+        s = float(rng.uniform(*self.patch.scale))
+        # Patch position in source pixels; the context adds the kernel's half support around it.
+        y = float(rng.uniform(0, max(img.shape[0] - p / s, 0)))
+        x = float(rng.uniform(0, max(img.shape[1] - p / s, 0)))
+        half_src = (ks // 2) / s
+        box = (y - half_src, x - half_src, side / s)
+        sharp = _window(img, *box, out=side)
+        norm = self._norm_window(img, y + p / (2 * s), x + p / (2 * s), s, self.pooled[k])
+        levels = np.full(DEPTH_LEVELS, self._node(draw), dtype=np.int64)
+        level_map = np.zeros((side, side), dtype=np.int8)
+        per_object = self.labels is not None and rng.random() < self.per_object_prob
+        if per_object:
+            lab = _window(self.labels[k], *box, out=side, nearest=True)
+            ids = np.unique(lab)
+            ids = ids[ids != 0]
+            depths = 1.5 * draw.radius_px * rng.random(DEPTH_LEVELS - 1)
+            levels[1:] = [self._node(draw, float(r)) for r in depths]
+            lut = np.zeros(int(lab.max()) + 1, dtype=np.int8)
+            lut[ids] = 1 + rng.integers(DEPTH_LEVELS - 1, size=ids.size)
+            level_map = lut[lab]
+        if self.patch.flips:
+            sharp, level_map = _dihedral([sharp, level_map], rng)
+        return {
+            "bank": self.bank_key,
+            "sharp": _to_tensor(sharp),
+            "norm": _to_tensor(norm),
+            "kernel": np.int64(levels[0]),
+            "levels": levels,
+            "level_map": np.ascontiguousarray(level_map, dtype=np.int8),
+            "per_object": np.bool_(per_object),
+            "peak": np.float32(draw.peak_photons or 0.0),
+            "read": np.float32(draw.read_sigma_photons),
+            "seed": np.int64(rng.integers(2**62)),
+            "coarse": np.int64(self.coarse),
+        }
+
+    def _norm_window(self, img: np.ndarray, cy: float, cx: float, s: float, pooled: np.ndarray | None = None,
+                     ) -> np.ndarray:
+        """The wide window around the patch centre (source pixels ``cy, cx``), at ``coarse``
+        training pixels per pixel, (coarse_side, coarse_side); where the image is smaller the window
+        is mirrored (which keeps its intensity distribution). ``pooled``: ``img`` block-averaged by
+        ``self.pool`` (computed if not given)."""
+        q = self.pool
+        small_img = _block_mean(img, q) if pooled is None else pooled
+        n = self.coarse_side
+        shape = []
+        starts = []
+        for c, length in ((cy / q, small_img.shape[0]), (cx / q, small_img.shape[1])):
+            extent = min(length, max(1, round(self.context / (s * q))))
+            starts.append(int(min(max(round(c - extent / 2), 0), length - extent)))
+            shape.append(extent)
+        crop = small_img[starts[0] : starts[0] + shape[0], starts[1] : starts[1] + shape[1]]
+        out_shape = tuple(min(n, max(1, round(e * s * q / self.coarse))) for e in shape)
+        small = _resize_linear(crop, out_shape)
+        if small.shape != (n, n):
+            small = np.pad(small, ((0, n - small.shape[0]), (0, n - small.shape[1])), mode="symmetric")
+        return small
+
+    def pair(self, index: int, device: str = "cpu") -> dict:
+        """``{"inp", "gt"}`` (1, P, P) for one sample, synthesised on ``device``."""
+        import torch
+
+        batch = collate([self[index]])
+        out = materialise(batch, torch.device(device))
+        return {"inp": out["inp"][0].cpu(), "gt": out["gt"][0].cpu()}
+
+    def reference_item(self, index: int) -> dict:
+        """The previous all-numpy pipeline for one sample (a fresh PSF per sample, FFT blur of a
+        ``context`` window, noise, window percentiles): the "before" of the data benchmark."""
         from skimage.transform import resize
 
         rng = _rng(self.seed, index)
@@ -257,7 +356,6 @@ class SyntheticPatches(_Base):
         params, peak, read = self.defocus.sample(rng)
         p = self.patch.size
         s = float(rng.uniform(*self.patch.scale))
-        # Context window in source pixels (before scaling), then scaled to the training grid.
         side_y = min(img.shape[0], max(2, round(self.context / s)))
         side_x = min(img.shape[1], max(2, round(self.context / s)))
         y0 = int(rng.integers(0, img.shape[0] - side_y + 1))
@@ -266,14 +364,12 @@ class SyntheticPatches(_Base):
         out_shape = (max(p, round(side_y * s)), max(p, round(side_x * s)))
         if window.shape != out_shape:
             window = resize(window, out_shape, order=1, anti_aliasing=s < 1, preserve_range=True)
-        per_object = self.labels is not None and rng.random() < self.per_object_prob
-        if per_object:
+        if self.labels is not None and rng.random() < self.per_object_prob:
             lab = self.labels[k][y0 : y0 + side_y, x0 : x0 + side_x]
             if lab.shape != out_shape:
                 lab = resize(lab, out_shape, order=0, preserve_range=True, anti_aliasing=False)
             lab = lab.astype(np.int64)
             ids = [int(i) for i in np.unique(lab) if i != 0]
-            # A few depth levels (each costs one blur), objects spread over them at random.
             levels = 1.5 * params.defocus_um * rng.random(3)
             per_label = {i: float(levels[rng.integers(3)]) for i in ids}
             blurred, _ = synthesize_depth(window, lab, params, per_label, peak_photons=None)
@@ -287,6 +383,98 @@ class SyntheticPatches(_Base):
         if self.patch.flips:
             inp, gt = _dihedral([inp, gt], rng)
         return {"inp": _to_tensor(normalise(inp, lo, hi)), "gt": _to_tensor(normalise(gt, lo, hi))}
+
+
+def _window(img: np.ndarray, y0: float, x0: float, side_src: float, out: int, nearest: bool = False) -> np.ndarray:
+    """The square ``img[y0 : y0 + side_src, x0 : x0 + side_src]`` (source pixels, may reach past
+    the border, where it is mirrored) resampled to ``out x out``: bilinear with antialiasing, or
+    nearest for label images."""
+    side = max(1, round(side_src))
+    yi, xi = round(y0), round(x0)
+    h, w = img.shape
+    crop = img[max(yi, 0) : max(min(yi + side, h), 0), max(xi, 0) : max(min(xi + side, w), 0)]
+    pads = ((max(-yi, 0), max(yi + side - h, 0)), (max(-xi, 0), max(xi + side - w, 0)))
+    if any(any(pad) for pad in pads):
+        crop = np.pad(crop, pads, mode="symmetric")
+    if side == out:
+        return crop
+    if nearest:
+        idx = np.minimum(((np.arange(out) + 0.5) * side / out).astype(np.int64), side - 1)
+        return crop[np.ix_(idx, idx)]
+    return _resize_linear(crop, (out, out))
+
+
+def _block_mean(img: np.ndarray, q: int) -> np.ndarray:
+    """Means of q x q blocks (the last partial blocks dropped), float32."""
+    if q == 1:
+        return np.asarray(img, dtype=np.float32)
+    h, w = img.shape[0] // q * q, img.shape[1] // q * q
+    if h == 0 or w == 0:
+        return np.asarray(img, dtype=np.float32)
+    return img[:h, :w].reshape(h // q, q, w // q, q).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _resize_linear(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize, antialiased when shrinking by more than 1.5x, (h, w) -> ``shape``, float32."""
+    if tuple(img.shape) == tuple(shape):
+        return np.asarray(img, dtype=np.float32)
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    # Antialiasing only for real shrinking: the training scales (0.75-1.25) alias negligibly.
+    shrink = shape[0] * 1.5 < img.shape[0] or shape[1] * 1.5 < img.shape[1]
+    return F.interpolate(t, size=shape, mode="bilinear", antialias=shrink, align_corners=False)[0, 0].numpy()
+
+
+def collate(items: Sequence[dict]) -> dict:
+    """Stack dataset items into one batch: ready pairs (``inp``/``gt``) as tensors, synthetic
+    samples grouped by PSF bank for :func:`materialise`; positions keep the sample order."""
+    import torch
+
+    out: dict = {"size": len(items), "ready": None, "synth": {}}
+    ready = [i for i, it in enumerate(items) if "bank" not in it]
+    if ready:
+        keys = list(items[ready[0]])
+        out["ready"] = {"pos": torch.tensor(ready), **{k: torch.stack([items[i][k] for i in ready]) for k in keys}}
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        if "bank" in it:
+            groups.setdefault(it["bank"], []).append(i)
+    for key, pos in groups.items():
+        fields = [f for f in items[pos[0]] if f != "bank"]
+        out["synth"][key] = {"pos": torch.tensor(pos),
+                             **{f: torch.stack([torch.as_tensor(items[i][f]) for i in pos]) for f in fields}}
+    return out
+
+
+def materialise(batch: dict, device, norm: NormalisationConfig | None = None) -> dict:
+    """A collated batch as ``{"inp", "gt"?}`` tensors (B, 1, P, P) on ``device``, synthetic samples
+    made there (:class:`~napari_mpt_deblur.data.device_synthesis.BatchSynthesizer`)."""
+    import torch
+
+    from .device_synthesis import BatchSynthesizer
+    from .psf_bank import PSFBank
+
+    norm = norm or NormalisationConfig()
+    parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+    if batch["ready"] is not None:
+        ready = batch["ready"]
+        parts.append((ready["pos"], {k: v.to(device, non_blocking=True) for k, v in ready.items() if k != "pos"}))
+    for key, group in batch["synth"].items():
+        synth = BatchSynthesizer(PSFBank.by_key(key), norm.low, norm.high)
+        inp, gt = synth({k: v for k, v in group.items() if k != "pos"}, device)
+        parts.append((group["pos"], {"inp": inp, "gt": gt}))
+    if len(parts) == 1:
+        return parts[0][1]
+    n = batch["size"]
+    out = {}
+    for key in parts[0][1]:
+        first = parts[0][1][key]
+        out[key] = torch.empty((n, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        for pos, values in parts:
+            out[key][pos.to(first.device)] = values[key]
+    return out
 
 
 class UnlabeledPatches(_Base):

@@ -33,3 +33,41 @@ U2OS_TRAIN = (
 
 #: The bundled defocused demo image; keep it out of any training set so the demo is honest.
 DEMO_BBBC006_DEFOCUSED = "h01_s2_w1"
+
+#: Held-out 10% of ``../shared/data/dsb2018_extra/fluorescence`` (other cell types and
+#: microscopes): drawn once with ``numpy.random.default_rng(2026).permutation`` over the 451
+#: sorted names and frozen. Never trained on; the second benchmark table is measured on these.
+DSB_FLUO_TEST = (
+    "0402a81e7526", "0bf4b1441676", "0e5edb072788", "12f89395ad5d", "139946af9e2c", "1a75de9e1130",
+    "1c681dfa5cf7", "1e8408fbb161", "20468e8779c4", "243443ae303c", "2817299fd3b8", "2dd9d8c797fc",
+    "33d0a9b24c25", "3852c7e45bd8", "3874755f6222", "483b89aa6835", "4bf6a5ec4203", "538b7673d507",
+    "55ff2b0ec48b", "5ba4facefc94", "62570c4ff1c5", "63d981a10709", "75120baa6abc", "785555c0cbb4",
+    "7c318172e976", "84eeec681987", "94a5a37c3b11", "9cbc07003173", "a22b7882fa85", "af8621ef0db8",
+    "b2c23ddb0453", "b67a6e5da8b1", "ba3997edd3fc", "c35e6e3ea39a", "cb4df20a83b2", "cdab367b30db",
+    "d6a880b1f605", "d8607b21411c", "dabfee30b46d", "ddf1bf458312", "e2d22d3d2839", "e856511ac1c3",
+    "edd36ed822e7", "f43169e3d8b4", "ff3e512b5fb8",
+)
+#: Held-out 10% of ``dsb2018_extra/histology_rgb`` (107 names, the same procedure).
+DSB_RGB_TEST = (
+    "15039b3acccc", "1d02c4b5921e", "24a20f2a529c", "2dd3356f2dcf", "4590d7d47f52", "7773ac91af61",
+    "7798ca1ddb31", "815524d88283", "a5fe0b7412dd", "a7f6194ddbea", "ed5be4b63e95",
+)
+
+#: Named splits a training config may use as ``names:``; a ``*_train`` split is every image of the
+#: folder except the matching test split.
+HELD_OUT = {"dsb_fluo": DSB_FLUO_TEST, "dsb_rgb": DSB_RGB_TEST}
+
+
+def split_names(split: str, available: list[str] | tuple[str, ...]) -> list[str]:
+    """The names of a named split among the ``available`` file stems of its folder.
+
+    ``u2os_train``, ``u2os_train_and_val``, ``u2os_test``, ``dsb_fluo_train``, ``dsb_fluo_test``,
+    ``dsb_rgb_train``, ``dsb_rgb_test``. Raises ValueError for another name."""
+    fixed = {"u2os_train": U2OS_TRAIN, "u2os_train_and_val": U2OS_TRAIN + U2OS_STARDIST_VAL, "u2os_test": U2OS_TEST}
+    if split in fixed:
+        return list(fixed[split])
+    base, _, part = split.rpartition("_")
+    if base in HELD_OUT and part in ("train", "test"):
+        test = set(HELD_OUT[base])
+        return sorted(n for n in available if (n in test) == (part == "test"))
+    raise ValueError(f"unknown split {split!r}; known: {sorted(fixed) + [f'{b}_{p}' for b in HELD_OUT for p in ('train', 'test')]}")

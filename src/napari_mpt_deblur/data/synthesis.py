@@ -8,6 +8,7 @@ it is only the EFCR reblur (``losses.efcr``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .psf import PSFParams, defocus_psf
 
 RngLike = np.random.Generator | int | None
+#: Per-object depth synthesis in training: the background's defocus and three object depths.
+DEPTH_LEVELS = 4
 
 
 def _rng(rng: RngLike) -> np.random.Generator:
@@ -218,23 +221,47 @@ class DefocusRange(BaseModel):
             raise ValueError(f"max_kernel must be odd, got {value}")
         return value
 
-    def sample(self, rng: np.random.Generator) -> tuple[PSFParams, float | None, float]:
-        """One draw: ``(psf_params, peak_photons or None, read_sigma_photons)``."""
-        from .psf import auto_size
-
-        obj = self.objectives[int(rng.integers(len(self.objectives)))]
+    def draw(self, rng: np.random.Generator) -> OpticsDraw:
+        """One draw of the microscope, defocus and camera (the random numbers :meth:`sample` uses)."""
+        index = int(rng.integers(len(self.objectives)))
+        obj = self.objectives[index]
         pixel = float(rng.uniform(*obj.pixel_um))
         wavelength = float(rng.uniform(*self.wavelength_um))
+        tan_theta = obj.na / np.sqrt(obj.immersion_index**2 - obj.na**2)
         if self.defocus_um is not None:
             dz = float(rng.uniform(*self.defocus_um))
         else:
-            tan_theta = obj.na / np.sqrt(obj.immersion_index**2 - obj.na**2)
             dz = float(rng.uniform(*self.blur_radius_px)) * pixel / tan_theta
         if self.both_signs and rng.random() < 0.5:
             dz = -dz
-        params = PSFParams(na=obj.na, wavelength_um=wavelength, immersion_index=obj.immersion_index,
-                           pixel_um=pixel, defocus_um=dz, model=self.model)
-        params = params.model_copy(update={"size": min(auto_size(params), self.max_kernel)})
         peak = None if self.peak_photons is None else float(np.exp(rng.uniform(*np.log(self.peak_photons))))
         read = float(rng.uniform(*self.read_sigma_photons))
-        return params, peak, read
+        return OpticsDraw(index, wavelength, pixel, float(dz), float(abs(dz) * tan_theta / pixel), peak, read)
+
+    def psf_params(self, draw: OpticsDraw, defocus_um: float | None = None) -> PSFParams:
+        """The PSF of a draw (kernel side cut to ``max_kernel``), optionally at another defocus."""
+        from .psf import auto_size
+
+        obj = self.objectives[draw.objective]
+        params = PSFParams(na=obj.na, wavelength_um=draw.wavelength_um, immersion_index=obj.immersion_index,
+                           pixel_um=draw.pixel_um, defocus_um=draw.defocus_um if defocus_um is None else defocus_um,
+                           model=self.model)
+        return params.model_copy(update={"size": min(auto_size(params), self.max_kernel)})
+
+    def sample(self, rng: np.random.Generator) -> tuple[PSFParams, float | None, float]:
+        """One draw: ``(psf_params, peak_photons or None, read_sigma_photons)``."""
+        draw = self.draw(rng)
+        return self.psf_params(draw), draw.peak_photons, draw.read_sigma_photons
+
+
+@dataclass(frozen=True)
+class OpticsDraw:
+    """One random microscope setting. Lengths in um; ``radius_px`` is the geometric blur radius."""
+
+    objective: int
+    wavelength_um: float
+    pixel_um: float
+    defocus_um: float
+    radius_px: float
+    peak_photons: float | None
+    read_sigma_photons: float

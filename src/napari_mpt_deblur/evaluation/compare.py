@@ -99,12 +99,16 @@ def compare_stardist(
     """
     from .stardist_runner import load_stardist, segment
 
-    model = load_stardist(stardist_model)
     shapes = {k: tuple(v.shape) for k, v in images.items()}
+    if len(set(shapes.values())) > 1:
+        # Counts of different fields of view (or crops) are no before/after comparison.
+        raise ValueError("the images must have the same shape to be compared: "
+                         + ", ".join(f"{k} {s}" for k, s in shapes.items()))
     if gt_labels is not None:
         for k, s in shapes.items():
             if s != tuple(gt_labels.shape):
                 raise ValueError(f"image '{k}' has shape {s} but the ground-truth labels have {tuple(gt_labels.shape)}")
+    model = load_stardist(stardist_model)  # after the cheap checks: loading starts TensorFlow
     rows, labels = [], {}
     for key, img in images.items():
         cb = (lambda d, n, key=key: progress(key, d, n)) if progress is not None else None
@@ -134,6 +138,8 @@ def rows_to_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain-text table of ``columns`` (missing values shown as '-')."""
     def cell(v: Any) -> str:
+        if isinstance(v, float) and v != v:  # NaN: a 0/0 score, e.g. AP with no true and no found objects
+            return "undefined"
         return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None or v == "" else str(v))
 
     table = [columns] + [[cell(r.get(c, "")) for c in columns] for r in rows]

@@ -43,19 +43,27 @@ class MatchScores:
     precision: float
     recall: float
     f1: float
+    #: TP / (TP + FP + FN); NaN (undefined) when there are no true and no predicted objects.
     ap: float
     #: Mean IoU of the matched pairs (0 when nothing matched).
     mean_matched_iou: float
 
     @classmethod
     def from_counts(cls, iou: float, tp: int, fp: int, fn: int, matched_iou_sum: float = 0.0) -> MatchScores:
+        # With no true and no predicted objects every score is 0/0: undefined (NaN, shown as
+        # "undefined"), not 0.0, which would read as a total failure. Otherwise an empty
+        # denominator (e.g. precision with no predictions) keeps the usual 0.0.
+        nothing = tp + fp + fn == 0
+
         def ratio(num: float, den: float) -> float:
+            if nothing:
+                return float("nan")
             return float(num) / den if den > 0 else 0.0
 
         return cls(
             iou=float(iou), tp=int(tp), fp=int(fp), fn=int(fn), n_true=int(tp + fn), n_pred=int(tp + fp),
             precision=ratio(tp, tp + fp), recall=ratio(tp, tp + fn), f1=ratio(2 * tp, 2 * tp + fp + fn),
-            ap=ratio(tp, tp + fp + fn), mean_matched_iou=ratio(matched_iou_sum, tp),
+            ap=ratio(tp, tp + fp + fn), mean_matched_iou=float(matched_iou_sum) / tp if tp > 0 else 0.0,
         )
 
 

@@ -34,6 +34,43 @@ def _worker_init() -> None:
     os.environ["MPT_DEBLUR_STARDIST_IN_PROCESS"] = "1"
 
 
+class MissingMainGuard(RuntimeError):
+    """A script starts StarDist at import time; the spawned worker would run it again."""
+
+
+def _guard_message(script: str) -> str:
+    return (f"{script} runs napari-mpt-deblur's StarDist step at the top level of the script. StarDist runs in a "
+            "separate, spawned process, which imports the script again and would start everything a second time. "
+            'Put the script\'s code under `if __name__ == "__main__":` (see docs/napari.md, "Scripting the widgets").')
+
+
+def _check_main_guard() -> None:
+    """Refuse, with a message that says what to do, when the StarDist worker cannot be started:
+
+    * in the spawned child while it re-imports an unguarded script (multiprocessing would raise a
+      long "bootstrapping phase" RuntimeError there and the parent would only see a dead worker);
+    * in the parent, when ``__main__`` is a ``.py`` script with no ``if __name__ == "__main__":``
+      block, before anything is spawned.
+    """
+    import ast
+    import sys
+
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None) or "the script"
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise MissingMainGuard(_guard_message(script))
+    if not (isinstance(script, str) and script.endswith(".py") and os.path.isfile(script)):
+        return  # an interpreter, a notebook, python -m ...: nothing is re-run
+    try:
+        with open(script, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    guarded = any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+    if not guarded:
+        raise MissingMainGuard(_guard_message(script))
+
+
 def _executor() -> ProcessPoolExecutor:
     global _EXECUTOR
     with _LOCK:
@@ -53,6 +90,7 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     from .stardist_runner import require_stardist
 
     require_stardist()
+    _check_main_guard()
     future = _executor().submit(fn, *args, **kwargs)
     try:
         return future.result()

@@ -52,8 +52,9 @@ def guess_axes(shape: tuple[int, ...], model_channels: int = 1) -> str:
             return "YXC"
         return "ZYX"
     raise ValueError(
-        f"cannot guess the axes of a {len(shape)}-D image of shape {_fmt_shape(shape)}: "
-        "give them explicitly (e.g. axes='TZYX' or 'ZCYX'; on the command line --axes TZYX)"
+        f"cannot guess the axes of a {len(shape)}-D image of shape {_fmt_shape(shape)} without axis names "
+        "(which is time, z or channel?): pass them, e.g. --axes TZYX or --axes ZCYX on the command line "
+        "(axes='TZYX' in Python; T time, Z depth, C channel, Y/X the image)"
         if len(shape) > 3
         else f"an image needs at least 2 dimensions (Y, X); got shape {_fmt_shape(shape)}"
     )

@@ -10,6 +10,14 @@ import sys
 import torch
 
 _ALLOCATOR_TUNED = False
+#: The CUDA device ``"auto"`` picks in this process (set per dask worker by ``distributed.pin_gpus``).
+_DEFAULT_CUDA_INDEX: int | None = None
+
+
+def set_default_cuda_device(index: int | None) -> None:
+    """Make ``select_device("auto")`` return ``cuda:index`` (None: plain ``cuda``, the current GPU)."""
+    global _DEFAULT_CUDA_INDEX
+    _DEFAULT_CUDA_INDEX = index
 
 
 def select_device(name: str | torch.device = "auto") -> torch.device:
@@ -22,6 +30,8 @@ def select_device(name: str | torch.device = "auto") -> torch.device:
     name = name.strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
+            if _DEFAULT_CUDA_INDEX is not None and _DEFAULT_CUDA_INDEX < torch.cuda.device_count():
+                return torch.device("cuda", _DEFAULT_CUDA_INDEX)
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")

@@ -47,7 +47,13 @@ class InferenceSettings(BaseModel):
 
     * ``tile``: largest tile side in pixels, a multiple of the model's size multiple.
     * ``overlap``: pixels shared by neighbouring tiles, blended with a raised-cosine ramp.
-    * ``batch_size``: tiles per forward pass.
+    * ``batch_size``: tiles per forward pass; ``None``: the device default on CPU/MPS, and on CUDA
+      as many as fit in about half the free GPU memory (measured with one tile, at most 64).
+    * ``plane_batch``: planes whose tiles may share a forward pass (small planes, e.g. 64 planes of
+      520 x 696); ``None``: as many as fill one batch. Used by the local stack path (``iter_planes``).
+    * ``pipeline``: read and normalise the next planes, and blend/write the previous ones, on other
+      threads while the model computes (``iter_planes``). ``False`` restores plane after plane in
+      the caller's thread, one plane per forward pass (the reference the batched path is tested against).
     * ``precision``: ``fp16``/``bf16`` autocast on GPUs only; ``auto`` is bf16 on CUDA GPUs
       that support it, fp32 elsewhere.
     * ``output_dtype``: ``float32``, or ``input`` (rounded and clipped for integer inputs).
@@ -67,6 +73,11 @@ class InferenceSettings(BaseModel):
     normalisation_scope: Literal["plane", "stack", "fixed"] = "plane"
     intensity_range: tuple[float, float] | None = None
     channels_last: bool = True
+    plane_batch: int | None = Field(None, ge=1, le=1024)
+    pipeline: bool = True
+    #: ``torch.compile`` the model for the tile shape (None: the device default, see
+    #: :data:`.compiled.COMPILE_DEFAULTS`); falls back to eager with a warning when it fails.
+    compile: bool | None = None
 
     @model_validator(mode="after")
     def _check_range(self) -> InferenceSettings:
@@ -96,6 +107,9 @@ class ResolvedSettings(BaseModel):
     intensity_range: tuple[float, float] | None
     channels_last: bool
     size_multiple: int
+    plane_batch: int | None = None
+    pipeline: bool = True
+    batch_auto: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,8 @@ def resolve_settings(settings: InferenceSettings, device: torch.device, size_mul
     if overlap >= tile:
         raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
     batch = settings.batch_size if settings.batch_size is not None else d.batch_size
+    # On CUDA an unset batch is sized from free memory at the first tile (Deblurrer._ensure_batch).
+    batch_auto = settings.batch_size is None and device.type == "cuda"
     precision = settings.precision
     gpu = device.type in ("cuda", "mps")
     if precision == "auto":
@@ -148,7 +164,8 @@ def resolve_settings(settings: InferenceSettings, device: torch.device, size_mul
         tile=tile, overlap=overlap, batch_size=batch, device=str(device), precision=precision,
         output_dtype=settings.output_dtype, normalisation_scope=settings.normalisation_scope,
         intensity_range=settings.intensity_range, channels_last=settings.channels_last,
-        size_multiple=size_multiple,
+        size_multiple=size_multiple, plane_batch=settings.plane_batch, pipeline=settings.pipeline,
+        batch_auto=batch_auto,
     )
 
 
@@ -297,6 +314,7 @@ class Deblurrer:
         self._tile = self.settings.tile
         self._overlap = self.settings.overlap
         self._batch = self.settings.batch_size
+        self._batch_sized = not self.settings.batch_auto
         self._lock = threading.RLock()
         #: Out-of-memory fallbacks taken so far (also in :meth:`metadata`).
         self.events: list[str] = []
@@ -482,25 +500,65 @@ class Deblurrer:
                 if counter is not None:
                     counter.advance(n)
 
+            self._ensure_batch((x.shape[0], grid.tile_h, grid.tile_w))
             try:
                 return tile_and_blend(x, self._forward_tiles, grid, self._batch, on_done, should_stop)
             except Cancelled as exc:
                 raise (counter.cancelled() if counter is not None else exc) from None
             except TileTooLarge as exc:
-                old = self._tile
-                if old <= self.size_multiple:
-                    raise RuntimeError(
-                        f"out of memory on {self.device} even with one {grid.tile_h}x{grid.tile_w} tile; "
-                        "free GPU memory or use device 'cpu'"
-                    ) from exc
-                self._tile = _round_to_multiple(old // 2, self.size_multiple)
-                self._overlap = min(self._overlap, self._tile // 4)
-                msg = f"out of memory on {self.device} with {grid.tile_h}x{grid.tile_w} tiles; retrying with tile {self._tile}"
-                self.events.append(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                self._shrink_tile(grid, exc)
                 if counter is not None:
                     new_grid = plan_tiles(h, w, self._tile, self._overlap, self.size_multiple)
                     counter.replan(removed=len(grid) - done_here, added=len(new_grid))
+
+    def _shrink_tile(self, grid, exc: TileTooLarge) -> int:
+        """Halve the tile after one tile alone ran out of memory (warns, records); returns the new tile."""
+        old = self._tile
+        if old <= self.size_multiple:
+            raise RuntimeError(
+                f"out of memory on {self.device} even with one {grid.tile_h}x{grid.tile_w} tile; "
+                "free GPU memory or use device 'cpu'"
+            ) from exc
+        self._tile = _round_to_multiple(old // 2, self.size_multiple)
+        self._overlap = min(self._overlap, self._tile // 4)
+        msg = f"out of memory on {self.device} with {grid.tile_h}x{grid.tile_w} tiles; retrying with tile {self._tile}"
+        self.events.append(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return self._tile
+
+    def _ensure_batch(self, tile_shape: tuple[int, int, int], max_batch: int = 64, memory_share: float = 0.5) -> int:
+        """On CUDA with ``batch_size=None``: size the batch once from free memory and one measured tile.
+
+        ``tile_shape``: (C, h, w). The peak memory of a batch-1 forward pass (activations under
+        the settings' precision) is measured; the batch is ``memory_share`` of the free memory
+        divided by it, between 1 and ``max_batch``. An out-of-memory error later still halves it.
+        """
+        if self._batch_sized:
+            return self._batch
+        with self._lock:
+            if self._batch_sized:
+                return self._batch
+            self._batch_sized = True
+            if self.device.type != "cuda":
+                return self._batch
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                self._forward_once(np.zeros((1, *tile_shape), dtype=np.float32))
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self._release_memory()
+                self._batch = 1
+                return 1
+            per_tile = max(1, torch.cuda.max_memory_allocated(self.device) - base)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            self._batch = int(max(1, min(max_batch, memory_share * (free + cached) // per_tile)))
+            self.events.append(f"batch of {self._batch} tiles of {tile_shape[1]}x{tile_shape[2]} sized from "
+                               f"{(free + cached) / 2**30:.1f} GiB free ({per_tile / 2**20:.0f} MiB per tile)")
+            return self._batch
 
     def _release_memory(self) -> None:
         if self.device.type == "cuda":
@@ -538,23 +596,47 @@ class Deblurrer:
         return torch.autocast(device_type=self.device.type, dtype=torch.float16 if p == "fp16" else torch.bfloat16)
 
     def _forward_once(self, tiles: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.device)
+        x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        cuda = self.device.type == "cuda"
+        # CUDA: copy through page-locked host memory, asynchronously (the copy engine, not the CPU).
+        x = x.pin_memory().to(self.device, non_blocking=True) if cuda else x.to(self.device)
         if self.settings.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            y = self.model(x)
+            from .compiled import compiled_forward  # eager unless settings.compile / the device default
+
+            y = compiled_forward(self, x)
+        if cuda:
+            host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(y, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return host.numpy()
         return y.float().cpu().numpy()
 
     # ---- public API -----------------------------------------------------------------------
 
     def deblur_plane(self, image: np.ndarray, *, progress: ProgressCallback | None = None,
                      cancel: CancelRequest = None) -> np.ndarray:
-        """Restore one 2D (Y, X) or (Y, X, C) image now; same shape, dtype per the settings."""
+        """Restore one 2D (Y, X) or (Y, X, C) image now; same shape, dtype per the settings.
+
+        A 3D array is taken as (Y, X, C) only when C can be channels: the model's channel count,
+        or up to 4 (e.g. RGB/RGBA, each channel restored separately by a one-channel model) on an
+        image much larger than that. Anything else,
+        e.g. a (3, 201, 101) z-stack, is refused rather than read as 101 channels.
+        """
         image = np.asarray(image)
         if image.ndim == 2:
             axes = "YX"
         elif image.ndim == 3:
             axes = "YXC"
+            c = image.shape[-1]
+            rgb_like = self.in_channels == 1 and c <= 4 and min(image.shape[:2]) > 4 * c
+            if c != self.in_channels and not rgb_like:
+                raise ValueError(
+                    f"deblur_plane got shape {tuple(image.shape)}: as a (Y, X, C) image that would be {c} channels, "
+                    f"but the model takes {self.in_channels}. For a stack of planes use "
+                    f"deblur(data, axes='ZYX') (or deblur_array); for channels first use axes='CYX'"
+                )
         else:
             raise ValueError(
                 f"deblur_plane takes a 2D (Y, X) or (Y, X, C) image, got shape {image.shape}; "
@@ -609,8 +691,11 @@ class Deblurrer:
                     ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         """Yield ``(leading index, restored plane)`` one plane at a time; planes are (C, H, W) or (H, W).
 
-        Locally, each plane is read, restored and yielded before the next is read, so memory does
-        not depend on the number of planes. With a dask.distributed ``client`` planes are computed
+        Locally, with ``pipeline`` on (the default), planes are read ahead on one thread, their
+        tiles batched (several small planes per forward pass) on another, and blended and yielded
+        here (:mod:`.batching`); at most a few groups of planes are held, so memory does not depend
+        on the number of planes. With ``pipeline`` off each plane is read, restored and yielded
+        before the next is read. With a dask.distributed ``client`` planes are computed
         on the cluster, a bounded number at a time (see :mod:`.distributed`).
         """
         layout = prep.layout
@@ -620,6 +705,11 @@ class Deblurrer:
             from .distributed import iter_planes_on_cluster
 
             yield from iter_planes_on_cluster(self, prep, lohi, counter, should_stop, client, ordered=ordered)
+            return
+        if self.settings.pipeline:
+            from .batching import iter_planes_batched
+
+            yield from iter_planes_batched(self, prep, lohi, counter, should_stop, self.settings.plane_batch)
             return
         out_dtype = self.output_dtype(prep.dtype)
         for index in np.ndindex(*layout.leading_shape):

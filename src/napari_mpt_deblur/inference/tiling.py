@@ -180,3 +180,33 @@ def tile_and_blend(
     assert acc is not None
     acc /= wsum
     return acc
+
+
+def cut_tiles(image: np.ndarray, grid: TileGrid, out: np.ndarray | None = None) -> np.ndarray:
+    """The tiles of a (C, H, W) plane in grid order: (len(grid), C, tile_h, tile_w), written into ``out`` if given."""
+    th, tw = grid.tile_h, grid.tile_w
+    if out is None:
+        out = np.empty((len(grid), image.shape[0], th, tw), dtype=image.dtype)
+    for k, (y, x) in enumerate(grid):
+        out[k] = image[:, y : y + th, x : x + tw]
+    return out
+
+
+def blend_tiles(outputs: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Blend restored tiles (len(grid), C, tile_h, tile_w), in grid order, into a (C, H, W) float32 plane.
+
+    The same arithmetic, in the same order, as :func:`tile_and_blend`: equal tile outputs give
+    bit-identical planes (the batched engine path relies on it).
+    """
+    if outputs.ndim != 4 or outputs.shape[0] != len(grid) or outputs.shape[2:] != (grid.tile_h, grid.tile_w):
+        raise ValueError(f"{outputs.shape} tile outputs do not match a grid of {len(grid)} "
+                         f"{grid.tile_h}x{grid.tile_w} tiles")
+    th, tw = grid.tile_h, grid.tile_w
+    acc = np.zeros((outputs.shape[1], grid.height, grid.width), dtype=np.float32)
+    wsum = np.zeros((grid.height, grid.width), dtype=np.float32)
+    for (y, x), tile_out in zip(grid, outputs):
+        w = grid.weight(y, x)
+        acc[:, y : y + th, x : x + tw] += tile_out * w
+        wsum[y : y + th, x : x + tw] += w
+    acc /= wsum
+    return acc

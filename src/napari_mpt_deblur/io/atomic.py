@@ -25,6 +25,13 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+def _renamed(exc: OSError, target: Path) -> OSError:
+    """The same kind of error, its message naming ``target`` (one line, errno kept as attribute)."""
+    new = type(exc)(f"cannot write {target}: {exc.strerror or exc}")
+    new.errno = exc.errno
+    return new
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed onto it.
@@ -33,8 +40,18 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     libraries that pick a format from the file name still see the right one.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix if suffix is None else suffix, dir=target.parent)
+    for parent in (target.parent, *target.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():  # mkdir would say only "[Errno 17] File exists"
+                raise NotADirectoryError(f"cannot write {target}: {parent} is a file, not a folder")
+            break
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix if suffix is None else suffix,
+                                   dir=target.parent)
+    except OSError as exc:
+        # Name the file the user asked for, not the hidden temporary one beside it.
+        raise _renamed(exc, target) from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, _FILE_MODE)
@@ -43,6 +60,10 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename) == tmp_path:
+            raise _renamed(exc, target) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,20 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, input_path: str | o
         raise ValueError(f"output {out} is the input file; choose another output path")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists; choose another path or pass overwrite (--overwrite)")
+    check_writable(out)
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Fail early, naming ``out``, when it cannot be created: a parent is a file, or the nearest
+    existing folder is not writable (the write itself would fail only after all the work)."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {out}: no permission to create files in {parent}")
 
 
 def _remove_existing(out: Path) -> None:
@@ -110,13 +126,23 @@ def read_array(path: str | os.PathLike) -> np.ndarray:
         if suffix in TIFF_SUFFIXES:
             import tifffile
 
-            arr = tifffile.imread(path)
+            with _quiet_tifffile() as logged:
+                try:
+                    with tifffile.TiffFile(path) as tif:
+                        _check_tiff_complete(tif, path, logged)
+                        arr = tif.asarray()
+                except ImageReadError:
+                    raise
+                except Exception as exc:
+                    raise _corrupt(path, exc, logged) from exc
         elif suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
         else:
             from skimage.io import imread
 
             arr = imread(path)
+    except ImageReadError:
+        raise
     except Exception as exc:  # every reader has its own exception types; name the file for all
         raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
     arr = np.asarray(arr)
@@ -213,25 +239,76 @@ class TiffPlanes:
         return out.squeeze(axis=drop) if drop else out
 
 
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[list[str]]:
+    """Collect tifffile's log warnings (e.g. "invalid page offset" for a truncated file) instead
+    of letting them print a stray line; our own error message says what they mean."""
+    logger = logging.getLogger("tifffile")
+    records: list[str] = []
+    handler = _ListHandler(records)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _corrupt(path: Path, exc: BaseException | None, logged: list[str]) -> ImageReadError:
+    detail = "; ".join(dict.fromkeys([*(m.split("> ", 1)[-1] for m in logged), *([str(exc)] if exc else [])]))
+    return ImageReadError(f"{path}: the TIFF file is truncated or corrupt ({detail or 'no image in it'}); "
+                          "copy or export it again")
+
+
+def _check_tiff_complete(tif: Any, path: Path, logged: list[str]) -> None:
+    """ImageReadError "truncated or corrupt" when the file has no image, lost pages, or image data
+    that would run past its end (checked on the first and last page, without reading pixels)."""
+    if not tif.series or logged:
+        raise _corrupt(path, None, logged)
+    size = path.stat().st_size
+    pages = tif.series[0].pages
+    for page in (pages[0], pages[len(pages) - 1]) if len(pages) else ():
+        if page is None:
+            raise _corrupt(path, None, ["pages are missing"])
+        ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts)]
+        if ends and max(ends) > size:
+            raise _corrupt(path, None, [f"image data runs to byte {max(ends)} but the file has {size} bytes"])
+
+
 def _read_tiff(path: Path) -> ImageSource:
     import dask.array as da
     import tifffile
 
-    try:
-        tif = tifffile.TiffFile(path)
-    except (tifffile.TiffFileError, ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable TIFF ({exc})") from exc
-    with tif:
-        if not tif.series:
-            raise ValueError(f"{path}: the TIFF holds no image series")
-        series = tif.series[0]
-        shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
-        page_shape = tuple(series.keyframe.shape)
-        n_pages = len(series.pages)
-        meta: dict[str, Any] = {}
-        if tif.shaped_metadata:
-            meta = dict(tif.shaped_metadata[0])
-        compression = str(series.keyframe.compression.name) if hasattr(series.keyframe.compression, "name") else ""
+    with _quiet_tifffile() as logged:
+        try:
+            tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, ValueError, OSError) as exc:
+            raise _corrupt(path, exc, logged) from exc
+        with tif:
+            _check_tiff_complete(tif, path, logged)
+            series = tif.series[0]
+            shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+            if len(set(axes)) != len(axes) or (len(axes) > 3 and "Q" in axes):
+                # tifffile's placeholder letters (e.g. "QQYX" for a 4D file without axis names) are
+                # no information: leave the axes unknown so the user is asked for --axes.
+                axes = ""
+            page_shape = tuple(series.keyframe.shape)
+            n_pages = len(series.pages)
+            meta: dict[str, Any] = {}
+            if tif.shaped_metadata:
+                meta = dict(tif.shaped_metadata[0])
+            compression = str(series.keyframe.compression.name) if hasattr(series.keyframe.compression, "name") else ""
     if 0 in shape:
         raise ValueError(f"{path}: the image is empty (shape {shape})")
     page_ndim = len(page_shape)

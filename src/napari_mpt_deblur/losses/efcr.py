@@ -23,6 +23,7 @@ backward. ``extended_grad=False`` runs the reblurred inputs in a separate no-gra
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,9 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     g = _gaussian_1d(kernel_size, x.dtype, x.device)
     p = kernel_size // 2
     # Full precision even under autocast: L_ext divides by the (small) change this blur makes.
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # (the meta device, used to count activation memory, has no autocast)
+    off = nullcontext() if x.device.type == "meta" else torch.autocast(device_type=x.device.type, enabled=False)
+    with off:
         y = F.pad(x, (p, p, p, p), mode="reflect")
         y = F.conv2d(y, g.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
         return F.conv2d(y, g.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)

@@ -16,12 +16,16 @@ def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
     """All floating-point operations of one forward pass, counted by PyTorch's FlopCounterMode.
 
     Matrix products of every kind are counted (conv, linear, the attention products), at 2 FLOPs
-    per multiply-accumulate; elementwise work (norms, softmax, GELU) is not.
+    per multiply-accumulate; elementwise work (norms, softmax, GELU) is not. MPT attention is
+    counted on its reference (matmul) path: FlopCounterMode sees nothing inside the fused CPU
+    ``scaled_dot_product_attention`` kernel, and both paths do the same products.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .mpt import attention_backend
+
     x = torch.zeros(shape)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), attention_backend("reference"), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import H2TUNetConfig
-from .layers import crop_to, reflect_pad_to_multiple
+from .layers import crop_to, reflect_pad_to_multiple, run_block
 
 
 class DoubleConv(nn.Sequential):
@@ -53,6 +53,8 @@ class FusionUNet(nn.Module):
             nn.ModuleList(nn.Conv2d(2 * w, w, 1) for w in widths) if fusion == "concat" else None
         )
         self.head = nn.Conv2d(widths[0], out_channels, 3, padding=1)
+        #: Recompute each level's double conv in the backward pass (training memory).
+        self.gradient_checkpointing = False
 
     def _fuse(self, level: int, enc: torch.Tensor, coarse: list[torch.Tensor] | None) -> torch.Tensor:
         if coarse is None:
@@ -70,11 +72,12 @@ class FusionUNet(nn.Module):
         for i, encoder in enumerate(self.encoders):
             if i:
                 feat = F.max_pool2d(feat, 2)
-            feat = self._fuse(i, encoder(feat), coarse)
+            feat = self._fuse(i, run_block(encoder, feat, checkpoint=self.gradient_checkpointing), coarse)
             skips.append(feat)
         decoded = [feat]  # deepest level: the bottleneck output
         for i in reversed(range(len(self.decoders))):
-            feat = self.decoders[i](torch.cat([self.ups[i](feat), skips[i]], dim=1))
+            feat = run_block(self.decoders[i], torch.cat([self.ups[i](feat), skips[i]], dim=1),
+                             checkpoint=self.gradient_checkpointing)
             decoded.append(feat)
         decoded.reverse()
         return self.head(feat), decoded

@@ -54,3 +54,21 @@ def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tenso
 def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Crop the last two axes back to ``size`` (inverse of :func:`reflect_pad_to_multiple`)."""
     return x[..., : size[0], : size[1]]
+
+
+def run_block(block: nn.Module, *args: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+    """``block(*args)``; with ``checkpoint`` (and gradients on) its activations are recomputed in
+    the backward pass instead of being kept (``torch.utils.checkpoint``, non-reentrant)."""
+    if checkpoint and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as recompute
+
+        return recompute(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn activation checkpointing on or off in every module of ``model`` that supports it
+    (those with a ``gradient_checkpointing`` attribute); weights are not affected."""
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = bool(enabled)

@@ -12,13 +12,47 @@ Differences from the authors' public code, on purpose:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MPTConfig
-from .layers import ChannelLayerNorm, crop_to, reflect_pad_to_multiple
+from .layers import ChannelLayerNorm, crop_to, reflect_pad_to_multiple, run_block
+
+#: How ISCA and CSWA compute attention. ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention`
+#: (fused kernels on CPU and CUDA; the attention matrix of a whole group is never written out).
+#: ``"reference"``: explicit matmul + softmax + matmul, the formulation of the paper, kept to
+#: test the fused path against and for FLOP counting (FlopCounterMode does not count the fused
+#: CPU kernel). Both use the same parameters, so weights load unchanged either way. With
+#: ``"sdpa"``, ISCA on CPU still uses matmul unless ``IntraScaleChannelAttention.fused_on_cpu``.
+ATTENTION_BACKENDS = ("sdpa", "reference")
+_attention_backend = "sdpa"
+
+
+def get_attention_backend() -> str:
+    return _attention_backend
+
+
+def set_attention_backend(name: str) -> None:
+    """Switch every MPT in this process to ``"sdpa"`` or ``"reference"`` attention."""
+    global _attention_backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: use one of {ATTENTION_BACKENDS}")
+    _attention_backend = name
+
+
+@contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Use ``name`` attention inside the block (process-wide: not for concurrent threads)."""
+    previous = _attention_backend
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
 
 
 def _depthwise3x3(channels: int) -> nn.Conv2d:
@@ -32,6 +66,11 @@ class IntraScaleChannelAttention(nn.Module):
     the spatial axis; the logits are scaled by a learnable per-head temperature.
     Parameters: 4C^2 + 27C + h. Shape: (B, C, H, W) -> (B, C, H, W).
     """
+
+    #: SDPA on CPU for ISCA: off, because the fused CPU kernel is built for short head dimensions
+    #: and ISCA's "head dimension" is the whole H*W map; profiled 18% slower than the matmul path
+    #: on the `small` preset (docs/performance.md). Tests switch it on to check the two agree.
+    fused_on_cpu = False
 
     def __init__(self, channels: int, heads: int) -> None:
         super().__init__()
@@ -48,8 +87,14 @@ class IntraScaleChannelAttention(nn.Module):
         shape = (b, self.heads, c // self.heads, h * w)
         q = F.normalize(q.reshape(shape), dim=-1)
         k = F.normalize(k.reshape(shape), dim=-1)
-        attn = (q @ k.transpose(-2, -1)) * self.temperature
-        out = attn.softmax(dim=-1) @ v.reshape(shape)
+        v = v.reshape(shape)
+        if _attention_backend == "sdpa" and (v.device.type != "cpu" or self.fused_on_cpu):
+            # (t q) k^T = t (q k^T): the temperature goes into q, and scale=1.0 replaces SDPA's 1/sqrt(d).
+            dt = v.dtype
+            out = F.scaled_dot_product_attention((q * self.temperature.to(q.dtype)).to(dt), k.to(dt), v, scale=1.0)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.temperature
+            out = attn.softmax(dim=-1) @ v
         return self.proj(out.reshape(b, c, h, w))
 
 
@@ -150,6 +195,27 @@ class CrossScaleWindowAttention(nn.Module):
 
         return axis_mask(n_h), axis_mask(n_w)
 
+    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor, b: int, n_h: int, n_w: int) -> torch.Tensor:
+        """softmax(scale * q k^T + bias [+ shift mask]) v through SDPA: the same result as the
+        reference path. q: (G, heads, g*g, d) and k, v: (G, heads, m*m, d) with G = b*n_h*n_w,
+        q and k L2-normalised; scale: (heads, 1, 1); bias: (heads, g*g, m*m). Returns (G, heads, g*g, d).
+
+        The cosine-attention temperature is folded into q and SDPA's own 1/sqrt(d) is replaced by
+        ``scale=1.0``; the bias and the shift mask become one additive float mask.
+        """
+        m, g, heads = self.window, self.group_size, self.heads
+        dt = v.dtype
+        q = (q * scale.to(q.dtype)).to(dt)
+        mask = bias.to(dt).unsqueeze(0)  # (1, heads, g*g, m*m): 4-D, which the fused CPU kernel needs
+        if self.shifted:
+            row_mask, col_mask = self._shift_mask(n_h, n_w, q.device, dt)
+            mask = (mask.view(1, 1, heads, g, g, m, m) + row_mask.view(n_h, 1, 1, g, 1, m, 1)
+                    + col_mask.view(1, n_w, 1, 1, g, 1, m)).view(n_h * n_w, heads, g * g, m * m)
+            if b > 1:  # the fused CPU kernel takes 4-D inputs only, so the mask is repeated per image
+                mask = mask.repeat(b, 1, 1, 1)
+        return F.scaled_dot_product_attention(q, k.to(dt), v, attn_mask=mask, scale=1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         m, g, heads = self.window, self.group_size, self.heads
@@ -173,15 +239,18 @@ class CrossScaleWindowAttention(nn.Module):
         k = F.normalize(to_groups(k, m), dim=-1)
         v = to_groups(v, m)
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        attn = (q * scale) @ k.transpose(-2, -1)  # (G, heads, g*g, m*m)
         bias = self.relative_position_bias_table[self.relative_position_index]  # (g*g, m*m, heads)
-        attn = attn + bias.permute(2, 0, 1).to(attn.dtype)
-        if self.shifted:
-            row_mask, col_mask = self._shift_mask(n_h, n_w, attn.device, attn.dtype)
-            attn = attn.view(b, n_h, n_w, heads, g, g, m, m)
-            attn = attn + row_mask.view(1, n_h, 1, 1, g, 1, m, 1) + col_mask.view(1, 1, n_w, 1, 1, g, 1, m)
-            attn = attn.view(b * n_h * n_w, heads, g * g, m * m)
-        out = attn.softmax(dim=-1) @ v  # (G, heads, g*g, d)
+        if _attention_backend == "sdpa":
+            out = self._fused_attention(q, k, v, scale, bias.permute(2, 0, 1), b, n_h, n_w)
+        else:
+            attn = (q * scale) @ k.transpose(-2, -1)  # (G, heads, g*g, m*m)
+            attn = attn + bias.permute(2, 0, 1).to(attn.dtype)
+            if self.shifted:
+                row_mask, col_mask = self._shift_mask(n_h, n_w, attn.device, attn.dtype)
+                attn = attn.view(b, n_h, n_w, heads, g, g, m, m)
+                attn = attn + row_mask.view(1, n_h, 1, 1, g, 1, m, 1) + col_mask.view(1, 1, n_w, 1, 1, g, 1, m)
+                attn = attn.view(b * n_h * n_w, heads, g * g, m * m)
+            out = attn.softmax(dim=-1) @ v  # (G, heads, g*g, d)
         out = out.view(b, n_h, n_w, heads, g, g, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, h, w, c)
         out = self.proj(out).permute(0, 3, 1, 2)
         if self.shifted:
@@ -282,6 +351,8 @@ class MultiPyramidTransformer(nn.Module):
             PyramidBlock(ch(i), config.heads[i], config.scales[i], config) for i in range(levels - 1)
         )
         self.head = nn.Conv2d(config.dim, config.out_channels, 3, padding=1, bias=False)
+        #: Recompute each pyramid block in the backward pass (training memory; see run_block).
+        self.gradient_checkpointing = False
 
     @property
     def size_multiple(self) -> int:
@@ -295,13 +366,14 @@ class MultiPyramidTransformer(nn.Module):
         padded, size = reflect_pad_to_multiple(x, self.size_multiple)
         feat = self.embed(padded)
         skips = []
+        ckpt = self.gradient_checkpointing
         for encoder, down in zip(self.encoders, self.downs):
-            feat = encoder(feat)
+            feat = run_block(encoder, feat, checkpoint=ckpt)
             skips.append(feat)
             feat = down(feat)
-        feat = self.bottleneck(feat)
+        feat = run_block(self.bottleneck, feat, checkpoint=ckpt)
         for i in reversed(range(len(self.decoders))):
-            feat = self.decoders[i](self.ups[i](feat) + skips[i])
+            feat = run_block(self.decoders[i], self.ups[i](feat) + skips[i], checkpoint=ckpt)
         out = self.head(feat)
         if self.config.global_residual and self.config.in_channels == self.config.out_channels:
             out = out + padded

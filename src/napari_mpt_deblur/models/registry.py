@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -222,19 +224,161 @@ def list_models() -> list[tuple[str, Path, str]]:
     return found
 
 
+class ModelNameError(ValueError):
+    """A user-given model name cannot be used (unsafe, empty, or taken by a shipped model)."""
+
+
+#: What a model name may contain: it becomes a file name in the user model folder, so no path
+#: separators, no leading dot (hidden files, ``..``), no control characters.
+_NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+ -]{0,99}")
+
+
+def sanitise_model_name(name: str) -> str:
+    """Check a user-given model name and return it stripped (and without a ``.json`` /
+    ``.safetensors`` suffix); :class:`ModelNameError` saying why when it cannot be a name.
+
+    A name is 1-100 characters: letters, digits, ``.``, ``_``, ``+``, ``-`` and spaces, starting
+    with a letter or digit. It can never hold a path separator or ``..``, so a name always stays
+    inside the user model folder (the fine-tune widget's "save as" goes through this).
+    """
+    if not isinstance(name, str):
+        raise ModelNameError(f"a model name must be text, not {type(name).__name__}")
+    text = name.strip()
+    for suffix in (".safetensors", ".json"):
+        if text.lower().endswith(suffix):
+            text = text[: -len(suffix)].rstrip()
+    if not text:
+        raise ModelNameError("the model name is empty; type a name such as 'my-model'")
+    if "/" in text or "\\" in text or os.sep in text or (os.altsep and os.altsep in text):
+        raise ModelNameError(
+            f"model name {name!r} contains a path separator; a name is saved in the user model folder "
+            f"({user_models_dir()}); to save elsewhere choose a file instead"
+        )
+    if ".." in text or text.startswith("."):
+        raise ModelNameError(f"model name {name!r} may not start with '.' or contain '..'")
+    if not _NAME_OK.fullmatch(text):
+        raise ModelNameError(
+            f"model name {name!r} is not allowed: use 1-100 letters, digits, '.', '_', '+', '-' or spaces, "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def shipped_names() -> list[str]:
+    """Names of the models shipped with the package (reserved: no user model may take them)."""
+    return [p.stem for p in _records_in(SHIPPED_DIR)]
+
+
+def _check_not_shipped(name: str, where: Path) -> None:
+    for shipped in shipped_names():
+        if name.casefold() == shipped.casefold():
+            raise ModelNameError(
+                f"{name!r} is the name of a shipped model; a model saved as {where} under that name could never "
+                "be chosen by name (the shipped one always wins). Choose another name, e.g. "
+                f"'{shipped}-finetuned'"
+            )
+
+
+def model_save_target(name_or_path: str | os.PathLike) -> Path:
+    """Where to save a new model given by NAME or by PATH; the one rule for every writer
+    (``finetune --out``, the fine-tune widget's Save).
+
+    * A bare name (no path separator, no ``.json``/``.safetensors`` suffix) is a model NAME: it is
+      checked by :func:`sanitise_model_name` and saved in :func:`user_models_dir`, where every
+      command finds it by that name from any folder.
+    * Anything else is a PATH (stem, ``.json`` or ``.safetensors``), used as given.
+
+    Either way the stem may not be a shipped model's name (case-insensitive: it would be shadowed
+    for ever) and nothing may exist there yet. Returns the stem path (no suffix). Raises
+    :class:`ModelNameError` or :class:`FileExistsError`.
+    """
+    text = os.fspath(name_or_path)
+    if _is_bare_name(text):
+        stem = user_models_dir() / sanitise_model_name(text)
+    else:
+        weights, _ = model_paths(Path(text).expanduser())
+        stem = weights.with_suffix("")
+        if not stem.name or stem.name.startswith("."):
+            raise ModelNameError(f"{text!r} does not name a model file (a file name such as my-model.safetensors)")
+        if stem.parent.exists() and not stem.parent.is_dir():
+            raise ModelNameError(f"cannot save {stem}: {stem.parent} is a file, not a folder")
+    _check_not_shipped(stem.name, stem)
+    for existing in model_paths(stem):
+        if existing.exists():
+            raise FileExistsError(f"model {existing} already exists; choose another name (nothing is overwritten)")
+    if _is_bare_name(text):
+        for known, path, origin in list_models():
+            if origin == "user" and known.casefold() == stem.name.casefold():
+                raise ModelNameError(f"a user model {known!r} ({path}) differs from {stem.name!r} only in letter case; "
+                                     "choose a clearly different name")
+    return stem
+
+
+def _is_bare_name(text: str) -> bool:
+    return ("/" not in text and "\\" not in text and os.sep not in text and not text.startswith("~")
+            and Path(text).suffix.lower() not in (".json", ".safetensors"))
+
+
+def shadowed_models() -> list[tuple[str, Path]]:
+    """User models that no name lookup can reach because a shipped model has their name
+    (case-insensitive), e.g. copied into the user folder by hand: (name, record path)."""
+    reserved = {n.casefold() for n in shipped_names()}
+    return [(n, p) for n, p, origin in list_models() if origin == "user" and n.casefold() in reserved]
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A model record path from a path (``.json``, ``.safetensors`` or stem) or a model name."""
-    candidate = Path(name_or_path)
+    """A model record path from a PATH (``.json``, ``.safetensors`` or stem), a model NAME, or a
+    bioimage.io package written by ``mpt-deblur export --format bioimageio`` (``.zip``, folder or
+    ``rdf.yaml``; unpacked into a cache folder, see :func:`napari_mpt_deblur.io.bioimageio.import_bioimageio`).
+
+    Precedence, the same for ``--model``, the widgets and :func:`load_model`:
+
+    1. Text that looks like a path (it has a path separator, starts with ``~``, or ends in
+       ``.json`` / ``.safetensors``) is only ever a path: the file must exist.
+    2. A bare name is looked up among the shipped models, then the user model folder
+       (:func:`user_models_dir`). Shipped names are reserved (no user model can be saved under
+       one), so a name means the same weights on every machine; a user model with a shipped
+       name (put there by hand) is ignored with a warning.
+    3. A bare name that is no model name but a model stem in the current folder is used as that
+       path. When it is BOTH a model name and a file here, the lookup is ambiguous and refused:
+       the answer would depend on the folder the command runs in.
+    """
+    text = os.fspath(name_or_path)
+    candidate = Path(text).expanduser()
+    if candidate.suffix.lower() in (".zip", ".yaml") or candidate.is_dir():
+        # A bioimage.io package (zip, folder or rdf.yaml) written by our exporter: its attached
+        # model files are checked and unpacked into a cache folder (nothing unpickled; io.bioimageio).
+        from ..io.bioimageio import BioimageioError, import_bioimageio, is_bioimageio_package
+
+        if is_bioimageio_package(candidate):
+            try:
+                return import_bioimageio(candidate)
+            except BioimageioError as exc:
+                raise ModelFileError(str(exc)) from exc
     _, record = model_paths(candidate)
+    if not _is_bare_name(text):
+        if record.is_file():
+            return record
+        raise ModelFileError(f"model file not found: {record}")
+    by_name = None
+    for name, path, origin in list_models():
+        if name == text and by_name is None:
+            by_name = (path, origin)
+    if by_name is not None:
+        shadowed = [p for n, p in shadowed_models() if n.casefold() == text.casefold()]
+        if by_name[1] == "shipped" and shadowed:
+            warnings.warn(f"model name {text!r} means the shipped model; the user model {shadowed[0]} of the same "
+                          "name is ignored (rename it to use it)", UserWarning, stacklevel=2)
+        if record.is_file() and record.resolve() != by_name[0].resolve():
+            raise ModelNameError(
+                f"{text!r} is ambiguous: it is the {by_name[1]} model {by_name[0]} and also the file {record.resolve()} "
+                f"in the current folder; pass ./{text}.safetensors for the file, or rename one of them"
+            )
+        return by_name[0]
     if record.is_file():
         return record
-    text = str(name_or_path)
-    if os.sep not in text and "/" not in text:
-        for name, path, _ in list_models():
-            if name == text:
-                return path
     names = [n for n, _, _ in list_models()]
     raise ModelFileError(
-        f"unknown model {text!r}: no such file ({record}) and no model of that name; "
+        f"unknown model {text!r}: no model of that name and no such file ({record}); "
         f"known models: {', '.join(names) if names else 'none installed'}"
     )

@@ -169,13 +169,15 @@ def export_checkpoint(
     name: str | None = None,
     description: str | None = None,
     dtype: str = "float32",
+    replace: bool = False,
 ) -> Path:
     """Write the ``best`` or ``last`` checkpoint of a training run as a standalone model file.
 
     ``run_or_checkpoints`` is a run folder (holding ``checkpoints/``) or its ``checkpoints``
     folder. The model keeps its training provenance (config, steps, validation); ``dtype``
     ``float16`` halves the file (outputs then differ from fp32 by fp16 rounding of the weights).
-    Returns the JSON path; nothing is written over an existing file.
+    Returns the JSON path; nothing is written over an existing file unless ``replace`` (the
+    trainer's own ``out_dir/model`` at the end of a time-budgeted run).
     """
     from ..models.registry import load_model, model_paths, save_model
 
@@ -187,7 +189,7 @@ def export_checkpoint(
     if ptr is None:
         raise CheckpointError(f"no '{which}' checkpoint in {ckpt_dir} ({which}.json is missing)")
     for existing in model_paths(out):
-        if existing.exists():
+        if existing.exists() and not replace:
             raise CheckpointError(f"{existing} already exists; choose another output (nothing is overwritten)")
     loaded = load_model(ckpt_dir / ptr["folder"] / "model.json", "cpu")
     record = loaded.record

@@ -27,13 +27,19 @@ class _Strict(BaseModel):
 # Data sources
 
 
+SplitName = Literal["u2os_train", "u2os_train_and_val", "u2os_test", "dsb_fluo_train", "dsb_fluo_test",
+                    "dsb_rgb_train", "dsb_rgb_test"]
+
+
 class SyntheticSource(_Strict):
     """Synthetic defocus pairs made on the fly from a folder of sharp images."""
 
     kind: Literal["synthetic"] = "synthetic"
     sharp: Path
-    #: Only these file stems (e.g. a split); ``u2os_train`` / ``u2os_test`` name the project's splits.
-    names: list[str] | Literal["u2os_train", "u2os_train_and_val", "u2os_test"] | None = None
+    #: Only these file stems, or one of the project's named splits (``data.splits``): ``u2os_train``,
+    #: ``u2os_train_and_val``, ``u2os_test``, ``dsb_fluo_train`` / ``_test`` (dsb2018_extra/fluorescence,
+    #: 10% held out), ``dsb_rgb_train`` / ``_test`` (dsb2018_extra/histology_rgb).
+    names: list[str] | SplitName | None = None
     exclude: list[str] = Field(default_factory=list, description="skip files whose stem contains any of these")
     labels: Path | None = Field(None, description="folder of label images (same names) for per-object depth")
     per_object_prob: float = Field(0.0, ge=0, le=1, description="share of samples with per-object defocus")
@@ -99,7 +105,7 @@ class SyntheticValidation(_Strict):
 
     kind: Literal["synthetic"] = "synthetic"
     sharp: Path
-    names: list[str] | Literal["u2os_test"] | None = None
+    names: list[str] | SplitName | None = None
     max_images: int | None = Field(4, ge=1)
     defocus_um: list[float] = Field(default_factory=lambda: [4.0, 8.0])
     na: float = 0.45
@@ -134,9 +140,10 @@ class ModelChoice(_Strict):
     #: Start from this model (name or path) instead of random weights; its architecture is used.
     init: str | None = None
     in_channels: int = Field(1, ge=1, le=16)
-    #: Random init only: zero the MPT's output conv so the untrained net (input + head(...)) is the
-    #: identity; training then improves on the input from the first step instead of first
-    #: unlearning the random head's noise.
+    #: Random init only: scale the MPT's output conv down 1000x so the untrained net
+    #: (input + head(...)) is within ~1e-3 of the identity; training then improves on the input from
+    #: the first step instead of first unlearning the random head's noise. (Not exactly zero:
+    #: that makes EFCR's denominator exactly 0 at the first step.)
     zero_init_head: bool = True
 
 
@@ -179,7 +186,19 @@ class TrainConfig(_Strict):
     validation: ValidationConfig | None = None
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(1, ge=1)
-    num_workers: int = Field(0, ge=0, description="data-loading worker processes per training process")
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="data-loading worker processes per training process; auto: all cores but one on a GPU, "
+                            "none on a CPU (the synthesis runs on the training device either way)")
+    #: Split each step's batch into this many micro-batches whose gradients are summed: the same
+    #: samples and (up to float rounding) the same update, 1/N of the activation memory.
+    grad_accum: int = Field(1, ge=1)
+    #: Recompute each pyramid block's (MPT) / U-Net level's (H2T) activations in the backward pass
+    #: instead of keeping them: less memory for about a third more compute.
+    checkpointing: bool = False
+    #: Train for this many minutes instead of ``steps``: the warm-up/cosine schedule is laid over
+    #: the steps that fit (measured at the start), the run validates and checkpoints before the
+    #: budget ends and ``out_dir/model`` is the best validated weights.
+    time_budget_minutes: float | None = Field(None, gt=0)
     progress: bool = True
     cpu_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch's default)")
 
@@ -189,6 +208,9 @@ class TrainConfig(_Strict):
             raise ValueError("unlabeled and extra_pairs: EFCRex takes one kind of extra data per run, not both")
         if (self.unlabeled or self.extra_pairs) and self.efcr.beta <= 0:
             raise ValueError("efcr.beta must be > 0 when extra data (unlabeled / extra_pairs) is given")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum {self.grad_accum} must divide batch_size {self.batch_size} "
+                             "(each step's batch is split into that many equal micro-batches)")
         if self.unlabeled and not self.efcr.extended:
             raise ValueError("efcr.extended must be true with unlabeled data (L_ext' is its only term)")
         return self

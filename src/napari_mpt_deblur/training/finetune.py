@@ -57,6 +57,56 @@ def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, Normalisati
     raise TypeError(f"model must be a model name/path, a LoadedModel or an nn.Module, got {type(model).__name__}")
 
 
+#: Linear learning-rate warm-up of a fine-tune, in steps (issue 13). Without it AdamW's first
+#: steps move every weight by about the full learning rate whatever its gradient (its moment
+#: estimates are still empty), which unbalances the four phases of the H2T U-Net's stride-2
+#: transposed convolutions: 7 steps at 5e-5 raised the period-2 (checkerboard) amplitude of
+#: h2t-unet-fluo's output on the demo image from 0.095% to 0.247% of its range (Nyquist energy
+#: ratio 1661 -> 8317); with this warm-up, 0.121% (2904). Runs shorter than this never reach the
+#: full learning rate: a gentle fine-tune, by design. NOT fixed by this: over longer runs the
+#: contrastive term at beta 0.1 grows a strong checkerboard (it rewards high-frequency difference
+#: from the blurry input, which a period-2 pattern maximises): 7.9% of the range after 50 steps,
+#: 13.5% after 200 (batch 1); with the paper's beta 1e-5, 0.12% after 50. See docs/training.md.
+FINETUNE_WARMUP_STEPS = 50
+
+
+def finetune_warmup(steps: int) -> int:
+    """Default warm-up for a fine-tune of ``steps`` steps (:data:`FINETUNE_WARMUP_STEPS`)."""
+    return FINETUNE_WARMUP_STEPS
+
+
+def _check_settings(*, steps: int, lr: float, batch: int, patch: int, beta: float) -> None:
+    """One clear line per bad setting (the CLI shows it as is; names match its flags)."""
+    import math
+
+    for flag, value in (("steps", steps), ("batch", batch), ("patch", patch)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"--{flag} must be a whole number of at least 1, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 1):
+        raise ValueError(f"--lr (learning rate) must be a number above 0 and at most 1 (default 5e-5), got {lr!r}")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"--beta must be a number above 0 (the unlabeled images act only through it; "
+                         f"default {FINETUNE_BETA}), got {beta!r}")
+
+
+def _check_patch(patch: int, shapes: Sequence[tuple[int, ...]], asked: int) -> None:
+    """Refuse a patch of more than twice the area of the largest unlabeled image: it would be
+    mostly mirrored padding and cost that much more compute for nothing (issue 13: patch 1000 on a
+    520 x 696 image ran 135 s for 2 steps). A patch larger than the smallest image only warns (the
+    default 128 on a small crop is fine)."""
+    largest = max(int(np.prod(s[-2:])) for s in shapes)
+    smallest = min(min(s[-2:]) for s in shapes)
+    if patch * patch > 2 * largest:
+        sizes = ", ".join("x".join(map(str, s[-2:])) for s in shapes[:3]) + ("..." if len(shapes) > 3 else "")
+        raise ValueError(f"--patch {asked} px is larger than the unlabeled images ({sizes}); "
+                         f"use a patch of at most {smallest} px (default 128)")
+    if patch > smallest:
+        import warnings
+
+        warnings.warn(f"patch {patch} px is larger than the smallest unlabeled image ({smallest} px): its patches are "
+                      "padded by mirroring", UserWarning, stacklevel=3)
+
+
 class FineTuner:
     """An in-memory EFCRex fine-tuning run on a COPY of ``model`` (the original is untouched)."""
 
@@ -76,15 +126,18 @@ class FineTuner:
         device: str = "auto",
         precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
         seed: int = 0,
+        warmup_steps: int | None = None,
     ) -> None:
         if not unlabeled_images:
             raise ValueError("fine-tuning needs at least one unlabeled image")
+        _check_settings(steps=steps, lr=lr, batch=batch, patch=patch, beta=beta)
         net, self.base_name, self.normalisation = _resolve_model(model, device)
         multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
-        patch = int(np.ceil(patch / multiple) * multiple)
+        asked_patch, patch = patch, int(np.ceil(patch / multiple) * multiple)
         if paired is not None and sharp_images is not None:
             raise ValueError("give either paired (blurred, sharp) examples or sharp images for synthetic pairs, not both")
         unlabeled = [D.as_2d(im, f"unlabeled image {i}") for i, im in enumerate(unlabeled_images)]
+        _check_patch(patch, [im.shape for im in unlabeled], asked_patch)
         patch_cfg = D.PatchConfig(size=patch, normalisation=self.normalisation)
         if paired is not None:
             if not paired:
@@ -116,7 +169,8 @@ class FineTuner:
             batch_size=batch,
             steps=steps,
             efcr=EFCRConfig(beta=beta),
-            optim=OptimConfig(lr=lr, lr_min=min(lr, 1e-6)),
+            optim=OptimConfig(lr=lr, lr_min=min(lr, 1e-6),
+                              warmup_steps=finetune_warmup(steps) if warmup_steps is None else warmup_steps),
             precision=precision,
             device=device,
             progress=False,
@@ -151,19 +205,21 @@ class FineTuner:
         return FinetuneResult(self.model, self.trainer.step, self.trainer.stopped, self.trainer.history)
 
     def save(self, path: str | os.PathLike, name: str | None = None, description: str = "") -> Path:
-        """Save the fine-tuned model (safetensors + JSON) with its provenance; never overwrites."""
-        from ..models.registry import model_paths, save_model
+        """Save the fine-tuned model (safetensors + JSON) with its provenance; never overwrites.
 
-        weights, record = model_paths(path)
-        if weights.exists() or record.exists():
-            raise FileExistsError(f"model {record} already exists; choose another name")
+        ``path`` is a model NAME (saved in the user model folder) or a file path; see
+        :func:`~napari_mpt_deblur.models.registry.model_save_target` (shipped names are refused).
+        """
+        from ..models.registry import model_paths, model_save_target, save_model
+
+        weights, _ = model_paths(model_save_target(path))
         training = self.trainer._training_record()
         training.update(
             finetuned_from=self.base_name, method="EFCRex (unlabeled)",
             unlabeled_images=self.unlabeled_shapes,
             last_losses=self.trainer.history[-1] if self.trainer.history else None,
         )
-        return save_model(self.model, path, name=name or Path(weights).stem,
+        return save_model(self.model, weights, name=name or Path(weights).stem,
                           description=description or f"{self.base_name} fine-tuned with EFCRex for {self.trainer.step} steps",
                           normalisation=self.normalisation, training=training, trained=True)
 

@@ -16,6 +16,7 @@ exactly (bit for bit on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -35,7 +36,6 @@ from torch import nn
 from .._version import __version__
 from ..data import datasets as D
 from ..data.normalisation import NormalisationConfig, denormalise, normalise, percentile_range
-from ..data.splits import U2OS_STARDIST_VAL, U2OS_TEST, U2OS_TRAIN
 from ..evaluation.metrics import psnr, ssim
 from ..io.atomic import write_text_atomic
 from ..losses.efcr import EFCRObjective
@@ -53,13 +53,10 @@ from .config import (
     config_json,
 )
 
+#: Time-budgeted runs measure this many steps before laying the schedule over the budget.
+CALIBRATION_STEPS = 5
 LOG_COLUMNS = ("step", "lr", "loss", "pixel", "cr", "l_pos", "l_neg", "l_ext", "grad_norm", "seconds", "patches_per_s")
 VAL_COLUMNS = ("step", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
-_SPLITS = {
-    "u2os_train": U2OS_TRAIN,
-    "u2os_train_and_val": U2OS_TRAIN + U2OS_STARDIST_VAL,
-    "u2os_test": U2OS_TEST,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,8 +113,13 @@ class MixedDataset:
         return self.datasets[k][index]
 
 
-def _names(value):
-    return list(_SPLITS[value]) if isinstance(value, str) else value
+def _names(value, folder):
+    """A named split (see ``data.splits.split_names``) as file stems of ``folder``, or the list given."""
+    if not isinstance(value, str):
+        return value
+    from ..data.splits import split_names
+
+    return split_names(value, [p.stem for p in D.list_images(folder)])
 
 
 def _in_memory_error(src) -> ValueError:
@@ -141,7 +143,7 @@ def build_paired_dataset(sources: Sequence[Any], config: TrainConfig, seed: int)
     parts = []
     for src in sources:
         if isinstance(src, SyntheticSource):
-            images, names = D.load_images(src.sharp, _names(src.names), src.exclude)
+            images, names = D.load_images(src.sharp, _names(src.names, src.sharp), src.exclude)
             labels = None
             if src.labels is not None:
                 labels, _ = D.load_images(src.labels, names)
@@ -168,7 +170,7 @@ def build_validation_pairs(config: TrainConfig) -> list[D.Pair]:
         return []
     data = val.data
     if isinstance(data, SyntheticValidation):
-        images, names = D.load_images(data.sharp, _names(data.names))
+        images, names = D.load_images(data.sharp, _names(data.names, data.sharp))
         if data.max_images is not None:
             images, names = images[: data.max_images], names[: data.max_images]
         return D.synthetic_validation_pairs(
@@ -215,17 +217,28 @@ def build_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
     head = getattr(net, "head", None)
     zero = bool(choice.zero_init_head and getattr(arch, "global_residual", False) and isinstance(head, nn.Conv2d))
     if zero:
+        # Not exactly zero: an exact identity makes EFCR's L- and L_ext exactly 0, and the first
+        # step's contrastive ratio then divides by eps (a loss ~20x the real one). A head 1000x
+        # smaller than its default init keeps the untrained net within ~1e-3 of the identity.
         with torch.no_grad():
-            head.weight.zero_()
-    return net, {"init": "random", "init_seed": config.seed, "zero_init_head": zero}
+            head.weight.mul_(HEAD_INIT_SCALE)
+    return net, {"init": "random", "init_seed": config.seed, "zero_init_head": zero,
+                 "head_init_scale": HEAD_INIT_SCALE if zero else None}
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine from ``lr`` to ``lr_min`` over the remaining steps (step 0-based)."""
+#: Scale of the MPT's output conv at a "zero" init (see build_network).
+HEAD_INIT_SCALE = 1e-3
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
+    """Linear warm-up, then cosine from ``lr`` to ``lr_min`` over the remaining steps (step 0-based).
+
+    ``total_steps`` replaces ``config.steps`` (a time-budgeted run's planned steps)."""
     o = config.optim
     if o.warmup_steps and step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    span = max(config.steps - o.warmup_steps - 1, 1)  # the last step runs at lr_min
+    total = config.steps if total_steps is None else total_steps
+    span = max(total - o.warmup_steps - 1, 1)  # the last step runs at lr_min
     t = min(max(step - o.warmup_steps, 0) / span, 1.0)
     return o.lr_min + 0.5 * (o.lr - o.lr_min) * (1.0 + math.cos(math.pi * t))
 
@@ -320,6 +333,7 @@ class Trainer:
     ) -> None:
         from ..inference.devices import select_device
 
+        self._clock = time.perf_counter()  # a time budget counts this session's setup (data loading) too
         self.config = config
         self.dist = dist or dist_from_env()
         self.write_files = write_files and self.dist.main
@@ -351,7 +365,15 @@ class Trainer:
             self.net, self.provenance = model, {"init": "given"}
         else:
             self.net, self.provenance = build_network(config)
+        check_patch_size(config.patch.size, self.net)
+        from ..models.layers import set_gradient_checkpointing
+
+        set_gradient_checkpointing(self.net, config.checkpointing)
         self.net.to(dev).train()
+        self.banks = _psf_banks(self.train_data, self.extra_data)
+        if dev.type == "cuda":  # the GPU should not wait for kernels drawn the first time
+            for bank in self.banks:
+                bank.prebuild()
         self.scales = ScalesModule(self.net)
         self.forward = self.scales
         if self.dist.active:
@@ -359,12 +381,20 @@ class Trainer:
 
             self.forward = DistributedDataParallel(self.scales, device_ids=[dev.index] if dev.type == "cuda" else None)
         self.objective = EFCRObjective(config.efcr)
+        if self.dist.active and config.grad_accum > 1:
+            self._accumulate = self.forward.no_sync  # sync gradients on the last micro-batch only
+        else:
+            self._accumulate = contextlib.nullcontext
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.amp = autocast_dtype(config.precision, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp == torch.float16)
 
         self.step = 0
+        #: Time-budgeted runs: the steps the schedule is laid over (None until measured) and the
+        #: seconds of the budget used so far (training, validation and checkpoints, all sessions).
+        self.planned_steps: int | None = None
+        self.budget_used = 0.0
         self.best: dict[str, Any] | None = None
         self.last_validation: dict[str, float] | None = None
         self.wall_seconds = 0.0
@@ -405,84 +435,126 @@ class Trainer:
         return [ks[int(np.random.default_rng([self.seed, i, 7]).integers(len(ks)))] for i in indices]
 
     def _batches(self, start_step: int) -> Iterator[tuple[list[int], dict, dict | None]]:
-        """(indices, batch, extra batch) for each step from ``start_step``."""
-        def fetch(ds, idx):
-            items = [ds[i] for i in idx]
-            return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-        workers = self.config.num_workers
+        """(indices, batch, extra batch) for each step from ``start_step``, collated on the CPU
+        (``datasets.collate``): synthetic samples are finished on the device in :meth:`_train_step`."""
+        workers = resolve_workers(self.config.num_workers, self.device)
         if workers == 0:
-            step = start_step
-            while True:
-                idx = self._indices(step)
-                yield idx, fetch(self.train_data, idx), None if self.extra_data is None else fetch(self.extra_data, idx)
-                step += 1
+            source = _StepBatches(self, start_step)
+            yield from source
+            return
         loader = torch.utils.data.DataLoader(
-            _StepBatches(self, start_step), batch_size=None, num_workers=workers, persistent_workers=False,
-            prefetch_factor=2,
+            _StepBatches(self, start_step), batch_size=None, num_workers=workers, persistent_workers=True,
+            prefetch_factor=4, pin_memory=self.device.type == "cuda",
         )
         yield from loader
+
+    def _materialise(self, batch: dict) -> dict[str, torch.Tensor]:
+        return D.materialise(batch, self.device, self.config.patch.normalisation)
 
     # ---------------------------------------------------------------- one step
 
     def _train_step(self, idx: list[int], batch: dict, extra: dict | None) -> tuple[dict[str, float], float | None]:
+        """One optimiser step on a collated batch: synthesise on the device, forward/backward in
+        ``grad_accum`` equal micro-batches (gradients summed, each loss weighted 1/N: the same
+        update as one pass over the whole batch), clip, step."""
         dev = self.device
-        lr = lr_at(self.step, self.config)
+        lr = lr_at(self.step, self.config, self.planned_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inp, gt = batch["inp"].to(dev, non_blocking=True), batch["gt"].to(dev, non_blocking=True)
-        extra_inp = None if extra is None else extra["inp"].to(dev, non_blocking=True)
-        extra_gt = None if (extra is None or not self.extra_labeled) else extra["gt"].to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
-            terms = self.objective(self.forward, inp, gt, extra_inp, extra_gt, reblur_sizes=self._reblur_sizes(idx))
+        main = self._materialise(batch)
+        aux = None if extra is None else self._materialise(extra)
+        inp, gt = main["inp"], main["gt"]
+        extra_inp = None if aux is None else aux["inp"]
+        extra_gt = None if (aux is None or not self.extra_labeled) else aux["gt"]
+        sizes = self._reblur_sizes(idx)
+        parts = self.config.grad_accum
+        n = inp.shape[0] // parts
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms.total).backward()
+        totals: dict[str, float] = {}
+        for j in range(parts):
+            sl = slice(j * n, (j + 1) * n)
+            sync = contextlib.nullcontext() if j == parts - 1 else self._accumulate()
+            with sync:
+                with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+                    terms = self.objective(self.forward, inp[sl], gt[sl],
+                                           None if extra_inp is None else extra_inp[sl],
+                                           None if extra_gt is None else extra_gt[sl], reblur_sizes=sizes[sl])
+                self.scaler.scale(terms.total / parts).backward()
+            for key, value in terms.as_floats().items():
+                totals[key] = totals.get(key, 0.0) + value / parts
         grad_norm = None
         if self.config.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return terms.as_floats(), grad_norm
+        return totals, grad_norm
 
     # ---------------------------------------------------------------- the loop
 
+    @property
+    def total_steps(self) -> int:
+        """The steps this run aims for: ``config.steps``, or a time-budgeted run's planned steps."""
+        return self.planned_steps if self.planned_steps is not None else self.config.steps
+
     def steps(self) -> Iterator[StepRecord]:
-        """Run until ``config.steps`` or :meth:`stop`, yielding a record after every step.
+        """Run until the steps are done, the time budget is spent or :meth:`stop`, yielding a
+        record after every step.
 
         Closing the generator early (``break`` in the caller) also saves the last checkpoint.
         """
         cfg = self.config
+        budget = None if cfg.time_budget_minutes is None else 60.0 * cfg.time_budget_minutes
         bar = None
         if cfg.progress and self.dist.main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
         saved_at = self.step
         batches = self._batches(self.step)
+        session_start, used_before = self._clock, self.budget_used
+        step_times: list[float] = []
+        costs = {"validation": 0.0, "checkpoint": 0.0}
         try:
-            while self.step < cfg.steps and not self._stop:
+            while self.step < self.total_steps and not self._stop:
                 t0 = time.perf_counter()
                 idx, batch, extra = next(batches)
                 losses, grad_norm = self._train_step(idx, batch, extra)
                 seconds = time.perf_counter() - t0
+                step_times.append(seconds)
                 self.wall_seconds += seconds
                 self.step += 1
                 record = StepRecord(
-                    step=self.step, total_steps=cfg.steps, lr=lr_at(self.step - 1, cfg), losses=losses,
-                    grad_norm=grad_norm, seconds=seconds,
+                    step=self.step, total_steps=self.total_steps, lr=lr_at(self.step - 1, cfg, self.planned_steps),
+                    losses=losses, grad_norm=grad_norm, seconds=seconds,
                     patches_per_s=cfg.batch_size * self.dist.world / max(seconds, 1e-9),
                 )
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"step {self.step}: non-finite loss {losses}; lower the learning rate "
                                              "or enable grad_clip")
                 self._log(record)
-                end = self.step == cfg.steps
-                if cfg.validation is not None and (self.step % cfg.validation.every == 0 or end):
+                calibrate = budget is not None and self.planned_steps is None and self.step >= CALIBRATION_STEPS
+                end = self.step >= self.total_steps
+                if budget is not None and not calibrate and not end:
+                    self.budget_used = used_before + time.perf_counter() - session_start
+                    end = self._budget_spent(budget, step_times, costs)
+                validate = cfg.validation is not None and (self.step % cfg.validation.every == 0 or end or calibrate)
+                if validate:
+                    t_val = time.perf_counter()
                     record.validation = self.validate()
-                if self.step % cfg.checkpoint_every == 0 or end or (record.validation and self._is_best(record.validation)):
+                    costs["validation"] = time.perf_counter() - t_val
+                if (self.step % cfg.checkpoint_every == 0 or end or calibrate
+                        or (record.validation and self._is_best(record.validation))):
+                    t_ckpt = time.perf_counter()
                     record.checkpoint = self.save_checkpoint(record.validation)
+                    costs["checkpoint"] = time.perf_counter() - t_ckpt
                     saved_at = self.step
+                self.budget_used = used_before + time.perf_counter() - session_start
+                if calibrate:
+                    self._plan(budget, step_times, costs)
+                    end = self.step >= self.total_steps
+                    if bar is not None:
+                        bar.total = self.total_steps
                 if bar is not None:
                     post = {"loss": f"{losses['loss']:.4g}"}
                     if self.last_validation:
@@ -490,11 +562,37 @@ class Trainer:
                     bar.set_postfix(post)
                     bar.update(1)
                 yield record
+                if end:
+                    break
         finally:
             if bar is not None:
                 bar.close()
             if self.step > saved_at:
                 self.save_checkpoint(None)
+            self.budget_used = used_before + time.perf_counter() - session_start
+            self._clock = time.perf_counter()
+            for bank in self.banks:
+                bank.save()
+
+    def _plan(self, budget: float, step_times: list[float], costs: dict[str, float]) -> None:
+        """Lay the schedule over the steps that fit in the rest of the budget (measured now)."""
+        cfg = self.config
+        measured = step_times[1:] or step_times  # the first step pays one-off warm-ups
+        per_step = float(np.mean(measured))
+        if cfg.validation is not None:
+            per_step += costs["validation"] / cfg.validation.every
+        per_step += costs["checkpoint"] / cfg.checkpoint_every
+        reserve = costs["validation"] + 2 * costs["checkpoint"]  # the final validation, checkpoint, export
+        left = budget - self.budget_used - reserve
+        more = max(1, int(left / per_step)) if left > 0 else 1
+        self.planned_steps = min(cfg.steps, self.step + more)
+
+    def _budget_spent(self, budget: float, step_times: list[float], costs: dict[str, float]) -> bool:
+        """True when another step plus the final validation, checkpoint and export would not fit."""
+        recent = step_times[-20:]
+        next_step = max(float(np.median(recent)), recent[-1])
+        reserve = costs["validation"] + 2 * costs["checkpoint"]
+        return self.budget_used + next_step + reserve > budget
 
     def run(self, callback: Callable[[StepRecord], Any] | None = None) -> TrainResult:
         """Run to the end (or until stopped); ``callback(record)`` after every step. Saves the
@@ -505,10 +603,14 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> TrainResult:
-        completed = self.step >= self.config.steps
+        completed = self.step >= self.total_steps
         model_path = None
         if self.write_files and self.step > 0:
-            model_path = self.save_final_model(self.out_dir / "model")
+            if self.config.time_budget_minutes is not None and self.best is not None:
+                model_path = C.export_checkpoint(self.ckpt_dir, self.out_dir / "model", which="best",
+                                                 name=self.config.name, replace=True)
+            else:
+                model_path = self.save_final_model(self.out_dir / "model")
         if self.dist.active:
             import torch.distributed as dist
 
@@ -584,7 +686,8 @@ class Trainer:
         return {
             "package_version": __version__,
             "steps": self.step,
-            "total_steps": self.config.steps,
+            "total_steps": self.total_steps,
+            "time_budget_minutes": self.config.time_budget_minutes,
             "wall_seconds": round(self.wall_seconds, 1),
             "device": str(self.device),
             "world_size": self.dist.world,
@@ -613,6 +716,8 @@ class Trainer:
             "last_validation": self.last_validation,
             "wall_seconds": self.wall_seconds,
             "world_size": self.dist.world,
+            "planned_steps": self.planned_steps,
+            "budget_used_seconds": self.budget_used,
         }
         is_best = validation is not None and self._is_best(validation)
         if is_best:
@@ -652,6 +757,8 @@ class Trainer:
         self.best = ckpt.state.get("best")
         self.last_validation = ckpt.state.get("last_validation")
         self.wall_seconds = float(ckpt.state.get("wall_seconds", 0.0))
+        self.planned_steps = ckpt.state.get("planned_steps")
+        self.budget_used = float(ckpt.state.get("budget_used_seconds", 0.0))
         if self.write_files:
             self._truncate_logs(self.step)
 
@@ -686,14 +793,45 @@ class _StepBatches(torch.utils.data.IterableDataset):
         step = self.start + wid
         while True:
             idx = self.indices(step)
-            items = [self.train_data[i] for i in idx]
-            batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
-            extra = None
-            if self.extra_data is not None:
-                xs = [self.extra_data[i] for i in idx]
-                extra = {k: torch.stack([it[k] for it in xs]) for k in xs[0]}
+            batch = D.collate([self.train_data[i] for i in idx])
+            extra = None if self.extra_data is None else D.collate([self.extra_data[i] for i in idx])
             yield idx, batch, extra
             step += nw
+
+
+def resolve_workers(setting: int | str, device: torch.device) -> int:
+    """Data-loading worker processes: a number as given; ``auto``: on a GPU all cores but one (at
+    most 8: the synthesis itself runs on the GPU), none on a CPU or MPS device (the main process
+    synthesises there, and on a small machine workers only compete with the model for cores)."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cuda":
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return 0
+
+
+def check_patch_size(patch: int, net: nn.Module) -> None:
+    """Refuse a patch the network would pad (MPT: silently wasted compute) or cannot run (H2T)."""
+    multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
+    if patch % multiple:
+        low = max(multiple, patch // multiple * multiple)
+        arch = getattr(net, "config", None)
+        name = f"{arch.arch}/{arch.preset}" if arch is not None else type(net).__name__
+        raise ValueError(f"patch.size {patch} is not a multiple of {multiple}, the size multiple of {name}; "
+                         f"use {low} or {low + multiple}")
+
+
+def _psf_banks(*datasets: Any) -> list[Any]:
+    """The PSF banks the synthetic parts of these datasets draw from (kept in this process)."""
+    from ..data.psf_bank import PSFBank
+
+    keys: list[str] = []
+    for ds in datasets:
+        for part in getattr(ds, "datasets", [ds]):
+            key = getattr(part, "bank_key", None)
+            if key is not None and key not in keys:
+                keys.append(key)
+    return [PSFBank.by_key(k) for k in keys]
 
 
 def train(config: TrainConfig, *, resume: bool = False, out_dir: Path | None = None,

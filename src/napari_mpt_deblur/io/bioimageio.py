@@ -1,0 +1,709 @@
+"""bioimage.io model packages: export our models to the model zoo format and read them back.
+
+A package written by :func:`export_bioimageio` is a model description of format 0.5.x
+(``rdf.yaml`` plus files, as a folder or a ``.zip``) that bioimage.io consumers (deepImageJ, ilastik,
+QuPath, BiaPy, bioimageio.core) load without this package:
+
+* ``pytorch_state_dict`` weights (``weights.pt``, the state dict only) with the architecture as one
+  self-contained Python file (``architecture.py``, generated from :mod:`napari_mpt_deblur.models`) and
+  its SHA-256; ``torchscript`` weights too when a trace reproduces the network at two tile sizes;
+* input ``raw`` (batch, channel, y, x), float32, sizes ``min = step = size_multiple`` of the network,
+  preprocessed by ``scale_range`` with our percentiles (0.1 / 99.9 per image and channel, see
+  :mod:`napari_mpt_deblur.data.normalisation`); output ``deblurred`` of the same size, with a halo;
+* test input/output tensors from a crop of the bundled real defocused BBBC006 image, a before|after
+  cover image, a README with citations, licence and the training record.
+
+The spec has no postprocessing that inverts a data-dependent ``scale_range``, so a bioimage.io
+consumer receives the output **in normalised units**: 0 and 1 are the input's 0.1 and 99.9
+percentiles. ``mpt-deblur predict`` maps back to the input's units (it reads the package as one of
+our models: :func:`import_bioimageio`).
+
+For the way back, the package carries our own model files as attachments (``<name>.safetensors`` and
+``<name>.json``): :func:`import_bioimageio` checks their SHA-256 against ``rdf.yaml`` and unpacks them
+into a cache folder, so nothing from a package is ever unpickled or executed. A bioimage.io package
+made by other tools (no such attachments) is refused with a message that says so.
+
+Needs the ``bioimageio`` extra (``bioimageio.spec`` / ``bioimageio.core``) to export and test; import
+needs only PyYAML. No napari or Qt here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+#: The package's tensor ids.
+INPUT_ID = "raw"
+OUTPUT_ID = "deblurred"
+#: File names inside a package.
+ARCH_FILE = "architecture.py"
+ARCH_CALLABLE = "build_deblur_network"
+STATE_DICT_FILE = "weights.pt"
+TORCHSCRIPT_FILE = "weights_torchscript.pt"
+#: Side of the test tensors (a crop of the bundled defocused BBBC006 image), rounded up to the size multiple.
+TEST_SIDE = 256
+#: Output halo in pixels: half of the engine's default CPU tile overlap (32 px), i.e. what tiled
+#: inference discards at each tile border.
+HALO = 16
+
+LICENSE = "BSD-3-Clause"
+
+CITATIONS = (
+    ("Zhang Y., Zheng P., Yan W., Fang C., Cheng S. S. A Unified Framework for Microscopy Defocus Deblur with "
+     "Multi-Pyramid Transformer and Contrastive Learning. CVPR 2024 (MPT, EFCR/EFCRex).",
+     "https://arxiv.org/abs/2403.02611"),
+    ("Wang and Han. Defocus Deblur Microscopy via Head-to-Tail Cross-Scale Fusion. ICIP 2022 (H2T U-Net).",
+     "https://arxiv.org/abs/2201.02876"),
+    ("BBBC006v1 (training data and test image): Ljosa V., Sokolnicki K. L., Carpenter A. E. Annotated "
+     "high-throughput microscopy image sets for validation. Nature Methods 9:637 (2012).",
+     "https://bbbc.broadinstitute.org/BBBC006"),
+    ("BBBC038 (training data): Caicedo J. C. et al. Nucleus segmentation across imaging experiments: the 2018 "
+     "Data Science Bowl. Nature Methods 16:1247 (2019).",
+     "https://bbbc.broadinstitute.org/BBBC038"),
+)
+
+
+class BioimageioError(ValueError):
+    """A bioimage.io package cannot be written or read (the message says which file and why)."""
+
+
+def _require_spec():
+    try:
+        import bioimageio.spec  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - the testing extra installs it
+        raise BioimageioError(
+            "bioimage.io export needs the optional 'bioimageio' extra: pip install 'napari-mpt-deblur[bioimageio]'"
+        ) from exc
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The architecture as one file
+
+
+_MODEL_SOURCES = ("config.py", "layers.py", "h2t_unet.py", "mpt.py")
+_RELATIVE_IMPORT = re.compile(r"^from \.[\w.]* import (\([^)]*\)|[^\n]*)\n", re.MULTILINE)
+_FUTURE = re.compile(r"^from __future__ import annotations\n", re.MULTILINE)
+
+_FACTORY = '''
+
+# ------------------------------------------------------------------------------------------------
+# Entry point for bioimage.io (architecture.callable)
+
+
+def build_deblur_network(config: dict):
+    """The network described by ``config`` (a napari-mpt-deblur architecture config as a dict).
+
+    Input and output: float32 tensors (B, C, H, W) in normalised units (0 and 1 at the input's
+    0.1 / 99.9 percentiles); H and W are padded internally to the size multiple and cropped back.
+    """
+    arch = config.get("arch")
+    if arch == "mpt":
+        return MultiPyramidTransformer(MPTConfig.model_validate(config))
+    if arch == "h2t_unet":
+        return HeadToTailUNet(H2TUNetConfig.model_validate(config))
+    raise ValueError(f"unknown architecture {arch!r}; expected 'mpt' or 'h2t_unet'")
+'''
+
+
+def architecture_source() -> str:
+    """One importable Python file with both networks and :data:`ARCH_CALLABLE` (needs torch, pydantic).
+
+    Built from the package's own model modules (configs, layers, H2T U-Net, MPT) with their
+    relative imports removed, so the architecture in a package is exactly the code that trained it.
+    """
+    from .. import _version, models
+
+    folder = Path(models.__file__).parent
+    parts = [
+        f'"""napari-mpt-deblur {_version.__version__} network architectures (MPT and H2T U-Net), one file for '
+        'bioimage.io.\n\nGenerated from napari_mpt_deblur/models/{' + ",".join(_MODEL_SOURCES) + '}; BSD-3-Clause."""\n\n'
+        "from __future__ import annotations\n"
+    ]
+    for name in _MODEL_SOURCES:
+        text = (folder / name).read_text(encoding="utf-8")
+        text = _FUTURE.sub("", _RELATIVE_IMPORT.sub("", text))
+        # The file must stand alone (torch + pydantic only): no relative or package imports left.
+        if re.search(r"^\s*(from \.|import \.|from napari_mpt_deblur|import napari_mpt_deblur)", text, re.MULTILINE):
+            raise BioimageioError(f"models/{name} imports from the package, which this exporter cannot inline; "
+                                  "update io/bioimageio.py:_MODEL_SOURCES")
+        parts.append(f"\n\n# {'=' * 96}\n# models/{name}\n\n{text}")
+    parts.append(_FACTORY)
+    return "".join(parts)
+
+
+def _load_architecture(source: str) -> Callable[[dict], Any]:
+    """Execute the generated architecture file (our own code, just generated) and return its factory."""
+    import sys
+    import types
+
+    module = types.ModuleType("napari_mpt_deblur_bioimageio_architecture")
+    # pydantic resolves postponed annotations through sys.modules[__module__].
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(source, ARCH_FILE, "exec"), module.__dict__)
+    finally:
+        sys.modules.pop(module.__name__, None)
+    return module.__dict__[ARCH_CALLABLE]
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_bioimageio` wrote and checked."""
+
+    path: Path
+    weight_formats: list[str]
+    #: Largest |difference| between the generated architecture file and our model on the test input.
+    architecture_max_diff: float
+    #: Largest |difference| of the torchscript trace at the traced and at a second size (None: not traced).
+    torchscript_max_diff: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _test_crop(side: int) -> np.ndarray:
+    """A ``side`` x ``side`` crop (float32, raw uint16 units) of the bundled defocused BBBC006 image."""
+    from ..data.samples import defocused_bbbc006
+
+    image = defocused_bbbc006()
+    h, w = image.shape
+    if side > min(h, w):
+        raise BioimageioError(f"test tile {side} is larger than the bundled image {h}x{w}")
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    return image[y0:y0 + side, x0:x0 + side].astype(np.float32)
+
+
+def _scale_range(x: np.ndarray, low: float, high: float, eps: float) -> np.ndarray:
+    """bioimage.io ``scale_range`` per sample and channel over (y, x): (x - lo) / (hi - lo + eps)."""
+    lo = np.percentile(x, low, axis=(-2, -1), keepdims=True)
+    hi = np.percentile(x, high, axis=(-2, -1), keepdims=True)
+    return ((x - lo) / (hi - lo + eps)).astype(np.float32)
+
+
+def _forward(model, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+
+
+def _cover_png(before: np.ndarray, after: np.ndarray) -> bytes:
+    """before | after side by side (2:1), both shown with the before image's 0.1/99.9 percentile range."""
+    from matplotlib.figure import Figure
+
+    lo, hi = np.percentile(before, [0.1, 99.9])
+    scale = max(float(hi - lo), 1e-12)
+    panel = np.concatenate([(before - lo) / scale, (after - lo) / scale], axis=1).clip(0, 1)
+    h, w = panel.shape
+    fig = Figure(figsize=(w / 100, h / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(panel, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.axvline(w / 2 - 0.5, color="white", linewidth=2)
+    for x, text in ((0.02, "before (defocused)"), (0.52, "after (deblurred)")):
+        ax.text(x, 0.96, text, transform=ax.transAxes, color="white", fontsize=10, va="top",
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 2, "edgecolor": "none"})
+    ax.set_axis_off()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _training_summary(record) -> str:
+    """A readable description of the training data and run, from the model record's provenance."""
+    training = record.training or {}
+    lines = []
+    config = training.get("config") or {}
+    for item in config.get("data") or []:
+        kind = item.get("kind", "?")
+        source = item.get("sharp") or item.get("blurred") or item.get("path") or item.get("root") or ""
+        names = item.get("names")
+        extra = f", images: {names}" if isinstance(names, str) else ""
+        lines.append(f"- {kind} data from `{Path(str(source)).name or source}`{extra}")
+    if not lines:
+        lines.append("- (the model record lists no training data)")
+    run = []
+    if "steps" in training:
+        run.append(f"{training['steps']} steps")
+    if training.get("device"):
+        run.append(f"on {training['device']}")
+    if training.get("wall_seconds"):
+        run.append(f"{training['wall_seconds'] / 3600:.1f} h wall time")
+    val = training.get("validation") or {}
+    if "psnr" in val:
+        run.append(f"validation PSNR {val['psnr']:.2f} dB (input {val.get('input_psnr', float('nan')):.2f} dB), "
+                   f"SSIM {val.get('ssim', float('nan')):.3f}")
+    if run:
+        lines.append("- run: " + ", ".join(run))
+    if not record.trained:
+        lines.append("- **UNTRAINED weights** (random initialisation): for testing only")
+    return "\n".join(lines)
+
+
+def _readme(record, halo: int, multiple: int, formats: list[str]) -> str:
+    arch = record.architecture
+    net = "Multi-Pyramid Transformer (MPT)" if arch.arch == "mpt" else "head-to-tail multi-scale U-Net (H2T U-Net)"
+    norm = record.normalisation
+    cites = "\n".join(f"- {text} <{url}>" for text, url in CITATIONS)
+    return f"""# {record.name}: defocus deblurring ({net})
+
+{record.description or 'Defocus deblurring for fluorescence microscopy.'}
+
+Exported from napari-mpt-deblur {record.package_version} by
+`mpt-deblur export {record.name} --format bioimageio`. Architecture: `{arch.arch}`, preset `{arch.preset}`,
+{arch.in_channels} input / {arch.out_channels} output channel(s). Weight formats: {', '.join(formats)}.
+
+## Input and output
+
+- Input `{INPUT_ID}`: (batch, channel, y, x), float32, in the camera's units. H and W: any multiple of
+  {multiple} (the network also pads other sizes internally). Preprocessing: `scale_range` with the
+  {norm.low} / {norm.high} percentiles of each image and channel, the normalisation the model was trained with.
+- Output `{OUTPUT_ID}`: same shape, **in normalised units**: 0 and 1 are the input's {norm.low} and {norm.high}
+  percentiles. bioimage.io has no postprocessing that inverts a per-image `scale_range`; to get the
+  input's units back multiply by (p{norm.high} - p{norm.low}) of the input and add p{norm.low}
+  (`mpt-deblur predict --model this_package.zip` does this for you).
+- Tiled prediction: halo {halo} px per side (overlap {2 * halo} px between tiles).
+
+## Training data
+
+{_training_summary(record)}
+
+Images were blurred with a widefield defocus PSF (Poisson-Gaussian noise) for paired training; see the
+napari-mpt-deblur documentation (docs/training.md, docs/models.md) for the full configuration, which is also
+attached to this package as `{record.name}.json`.
+
+## Validation
+
+The package's test tensors are a {TEST_SIDE}x{TEST_SIDE} crop of a real defocused BBBC006 image (plane z_00, about
+32 um below focus, excluded from training); the cover shows that crop before and after. Validation PSNR/SSIM
+on held-out synthetic pairs are in the training record above; the napari-mpt-deblur benchmark
+(docs/benchmarks.md) reports PSNR, SSIM and StarDist AP before and after deblurring.
+
+## Limitations
+
+Like every learned restorer the model can invent plausible texture where the blur destroyed
+information; check conclusions that depend on fine detail against the raw image. Trained on Hoechst-stained
+U2OS nuclei (widefield); other samples and modalities may need fine-tuning (`mpt-deblur finetune`).
+
+## Citations
+
+{cites}
+
+## Licence
+
+{LICENSE} (code and weights).
+"""
+
+
+def _torchscript(model, x: np.ndarray, eager_x: np.ndarray, second: np.ndarray) -> tuple[bytes | None, float | None, str]:
+    """Trace at ``x``'s shape; keep the trace only if it matches eager (``eager_x`` = model(x)) at that
+    shape and at ``second``'s, another size and batch (a trace can freeze shapes into constants)."""
+    import warnings
+
+    import torch
+
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about Python ints: the check below decides
+            traced = torch.jit.trace(model, torch.from_numpy(x), check_trace=False)
+        diffs = []
+        for arr, want in ((x, eager_x), (second, None)):
+            with torch.no_grad():
+                got = traced(torch.from_numpy(arr)).numpy()
+            want = _forward(model, arr) if want is None else want
+            diffs.append(float(np.abs(got - want).max()) if got.shape == want.shape else float("inf"))
+    except Exception as exc:  # tracing is optional: say why it was left out
+        return None, None, f"torchscript not exported: tracing failed ({type(exc).__name__}: {exc})"
+    worst = max(diffs)
+    if not worst <= 1e-4:
+        return None, worst, (f"torchscript not exported: the trace differs from the network by {worst:.3g} "
+                             f"(traced at 1 x {x.shape[-1]} px, checked at that and at {second.shape[0]} x "
+                             f"{second.shape[-1]} px)")
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates torch.jit for torch.export; torchscript is still what deepImageJ loads.
+        warnings.filterwarnings("ignore", message="`torch.jit.save` is deprecated", category=DeprecationWarning)
+        torch.jit.save(traced, buf)
+    return buf.getvalue(), worst, (f"torchscript: the trace matches the network within {worst:.2g} at 1 x "
+                                   f"{x.shape[-1]} px and {second.shape[0]} x {second.shape[-1]} px")
+
+
+def export_bioimageio(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    torchscript: bool = True,
+    overwrite: bool = False,
+    test_side: int = TEST_SIDE,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Write ``model`` (a name or a model file) as a bioimage.io package to ``out``.
+
+    ``out`` ending in ``.zip`` gives a zip archive, anything else a folder (``rdf.yaml`` inside).
+    An existing ``out`` is refused unless ``overwrite``. The written description is validated by
+    ``bioimageio.spec`` (offline: no URL checks); run :func:`run_bioimageio_test` for the full test.
+    """
+    _require_spec()
+    import torch
+    from bioimageio.spec import ValidationContext, save_bioimageio_package, save_bioimageio_package_as_folder
+    from bioimageio.spec.model import v0_5
+
+    from ..models.registry import load_model, model_paths
+
+    log = log or (lambda _m: None)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BioimageioError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.is_dir() and not ((out / "rdf.yaml").is_file() or (out / "bioimageio.yaml").is_file()):
+        raise BioimageioError(f"{out} is a folder but not a bioimage.io package; refusing to replace it")
+    if out.exists() and not out.is_dir() and out.suffix != ".zip":
+        raise BioimageioError(f"{out} is a file; give a folder, or a file name ending in .zip")
+    loaded = load_model(model, device="cpu")
+    record, net = loaded.record, loaded.model.float().eval()
+    arch = record.architecture
+    multiple = arch.size_multiple
+    side = max(multiple, -(-test_side // multiple) * multiple)
+    halo = min(HALO, side // 4)
+    norm = record.normalisation
+    eps = 1e-6
+
+    raw = _test_crop(side)
+    x = np.repeat(raw[None, None], arch.in_channels, axis=1)  # (1, C, H, W) raw units
+    normed = _scale_range(x, norm.low, norm.high, eps)
+    expected = _forward(net, normed)
+    notes: list[str] = []
+
+    # The architecture file must rebuild exactly this network: check before writing anything.
+    source = architecture_source()
+    rebuilt = _load_architecture(source)(arch.model_dump(mode="json"))
+    rebuilt.load_state_dict(net.state_dict())
+    rebuilt.eval()
+    arch_diff = float(np.abs(_forward(rebuilt, normed) - expected).max())
+    if arch_diff > 1e-5:
+        raise BioimageioError(f"the generated {ARCH_FILE} does not reproduce the model (max diff {arch_diff:.3g})")
+
+    staging = Path(tempfile.mkdtemp(prefix="mpt-deblur-bioimageio-"))
+    try:
+        (staging / ARCH_FILE).write_text(source, encoding="utf-8")
+        buf = io.BytesIO()
+        # The state dict in the model file's storage dtype (what the safetensors hold): a plain dict
+        # of tensors, which bioimage.io consumers load with torch.load(weights_only=True).
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[record.weights_dtype]
+        torch.save({k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+                    for k, v in net.state_dict().items()}, buf)
+        (staging / STATE_DICT_FILE).write_bytes(buf.getvalue())
+        np.save(staging / "test_input.npy", x)
+        np.save(staging / "test_output.npy", expected)
+        # Sample tensors (FAIR): the same crop as viewable 2D TIFFs (first channel).
+        import tifffile
+
+        tifffile.imwrite(staging / "sample_input.tif", x[0, 0])
+        tifffile.imwrite(staging / "sample_output.tif", expected[0, 0])
+        (staging / "cover.png").write_bytes(_cover_png(raw, expected[0, 0] * float(
+            np.percentile(raw, norm.high) - np.percentile(raw, norm.low)) + float(np.percentile(raw, norm.low))))
+        formats = ["pytorch_state_dict"]
+        ts_bytes = ts_diff = None
+        if torchscript:
+            # A second valid size, one step larger (or smaller when the image is too small), as a
+            # batch of 2 (the crop and its mirror): a trace can freeze the batch size too.
+            other = side + multiple if side + multiple <= 512 else max(side - multiple, multiple)
+            crop = _test_crop(other)
+            second = np.repeat(np.stack([crop, crop[:, ::-1]])[:, None], arch.in_channels, axis=1)
+            ts_bytes, ts_diff, note = _torchscript(net, normed, expected,
+                                                   _scale_range(second, norm.low, norm.high, eps))
+            notes.append(note)
+            log(note)
+            if ts_bytes is not None:
+                (staging / TORCHSCRIPT_FILE).write_bytes(ts_bytes)
+                formats.append("torchscript")
+        weights_path, record_path = model_paths(loaded.path)
+        shutil.copyfile(weights_path, staging / weights_path.name)
+        shutil.copyfile(record_path, staging / record_path.name)
+        (staging / "README.md").write_text(_readme(record, halo, multiple, formats), encoding="utf-8")
+
+        def file(name: str) -> v0_5.FileDescr:
+            return v0_5.FileDescr(source=staging / name, sha256=_sha256((staging / name).read_bytes()))
+
+        channel_names = [f"channel{i}" for i in range(arch.in_channels)]
+        size = v0_5.ParameterizedSize(min=multiple, step=multiple)
+        inputs = [v0_5.InputTensorDescr(
+            id=v0_5.TensorId(INPUT_ID),
+            description=f"defocused image in the camera's units; {norm.low}/{norm.high} percentile normalisation",
+            axes=[v0_5.BatchAxis(),
+                  v0_5.ChannelAxis(channel_names=[v0_5.Identifier(c) for c in channel_names]),
+                  v0_5.SpaceInputAxis(id=v0_5.AxisId("y"), size=size),
+                  v0_5.SpaceInputAxis(id=v0_5.AxisId("x"), size=size)],
+            test_tensor=file("test_input.npy"),
+            sample_tensor=file("sample_input.tif"),
+            data=v0_5.IntervalOrRatioDataDescr(type="float32"),
+            preprocessing=[v0_5.ScaleRangeDescr(kwargs=v0_5.ScaleRangeKwargs(
+                axes=[v0_5.AxisId("y"), v0_5.AxisId("x")], min_percentile=norm.low, max_percentile=norm.high,
+                eps=eps))],
+        )]
+
+        def ref(axis: str) -> v0_5.SizeReference:
+            return v0_5.SizeReference(tensor_id=v0_5.TensorId(INPUT_ID), axis_id=v0_5.AxisId(axis))
+
+        outputs = [v0_5.OutputTensorDescr(
+            id=v0_5.TensorId(OUTPUT_ID),
+            description=(f"deblurred image in normalised units (0 and 1 = the input's {norm.low} and {norm.high} "
+                         "percentiles)"),
+            axes=[v0_5.BatchAxis(),
+                  v0_5.ChannelAxis(channel_names=[v0_5.Identifier(c) for c in channel_names]),
+                  v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId("y"), size=ref("y"), halo=halo),
+                  v0_5.SpaceOutputAxisWithHalo(id=v0_5.AxisId("x"), size=ref("x"), halo=halo)],
+            test_tensor=file("test_output.npy"),
+            sample_tensor=file("sample_output.tif"),
+            data=v0_5.IntervalOrRatioDataDescr(type="float32"),
+        )]
+        torch_version = v0_5.Version(torch.__version__.split("+")[0])
+        weights = v0_5.WeightsDescr(
+            pytorch_state_dict=v0_5.PytorchStateDictWeightsDescr(
+                source=staging / STATE_DICT_FILE, sha256=_sha256((staging / STATE_DICT_FILE).read_bytes()),
+                architecture=v0_5.ArchitectureFromFileDescr(
+                    source=staging / ARCH_FILE, sha256=_sha256(source.encode("utf-8")), callable=ARCH_CALLABLE,
+                    kwargs={"config": arch.model_dump(mode="json")}),
+                pytorch_version=torch_version,
+            ),
+            torchscript=(v0_5.TorchscriptWeightsDescr(
+                source=staging / TORCHSCRIPT_FILE, sha256=_sha256(ts_bytes), pytorch_version=torch_version,
+                parent="pytorch_state_dict") if ts_bytes is not None else None),
+        )
+        net_name = "Multi-Pyramid Transformer" if arch.arch == "mpt" else "head-to-tail U-Net"
+        descr = v0_5.ModelDescr(
+            name=_bioimageio_name(record.name, net_name),
+            description=(record.description or f"Defocus deblurring with a {net_name}")[:1024],
+            authors=[v0_5.Author(name="napari-mpt-deblur developers")],
+            cite=[v0_5.CiteEntry(text=text, url=v0_5.HttpUrl(url)) for text, url in CITATIONS],
+            license=v0_5.LicenseId(LICENSE),
+            documentation=file("README.md"),
+            covers=[file("cover.png")],
+            tags=["deblurring", "defocus", "image-restoration", "fluorescence-light-microscopy", "nuclei",
+                  "2d", "pytorch", "napari-mpt-deblur", arch.arch],
+            version=v0_5.Version(record.package_version),
+            inputs=inputs,
+            outputs=outputs,
+            weights=weights,
+            attachments=[file(weights_path.name), file(record_path.name)],
+            config=v0_5.Config(bioimageio=v0_5.BioimageioConfig(reproducibility_tolerance=[
+                v0_5.ReproducibilityTolerance(relative_tolerance=1e-3, absolute_tolerance=1e-3)]),
+                **{"napari_mpt_deblur": {
+                    "model_name": record.name, "record": record_path.name, "weights": weights_path.name,
+                    "architecture": arch.model_dump(mode="json"), "normalisation": norm.model_dump(mode="json"),
+                    "output_units": "normalised", "trained": record.trained}}),
+        )
+        # Written beside OUT under a temporary name and moved into place last, so an interrupted
+        # export never leaves a half-written package under the final name.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(f".partial-{os.getpid()}-{out.name}")  # keeps the .zip suffix
+        with ValidationContext(perform_io_checks=False):
+            if out.suffix == ".zip":
+                save_bioimageio_package(descr, output_path=partial)
+                os.replace(partial, out)
+            else:
+                save_bioimageio_package_as_folder(descr, output_path=partial)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(partial, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote {out} ({', '.join(formats)})")
+    return ExportResult(path=out, weight_formats=formats, architecture_max_diff=arch_diff,
+                        torchscript_max_diff=ts_diff, notes=notes)
+
+
+def _bioimageio_name(name: str, net: str) -> str:
+    # bioimage.io names: letters, digits, spaces and a few symbols (no dots at the end), 5..128 chars.
+    text = re.sub(r"[^A-Za-z0-9 _\-()+]", " ", f"{name} defocus deblurring ({net})")
+    return re.sub(r"\s+", " ", text).strip()[:128]
+
+
+def run_bioimageio_test(path: str | os.PathLike, *, weight_format: str | None = None) -> Any:
+    """Run ``bioimageio.core.test_description`` on a package, on the CPU, offline; return its summary.
+
+    Offline: the test tensors, weights and architecture are read from the package; the summary's
+    ``status`` is ``"passed"`` or ``"valid-format"`` when everything passed (warnings do not fail).
+    """
+    _require_spec()
+    from bioimageio.core import test_description
+    from bioimageio.spec import ValidationContext
+
+    with ValidationContext(perform_io_checks=False):
+        return test_description(Path(path), weight_format=weight_format, devices=["cpu"])
+
+
+# --------------------------------------------------------------------------------------------
+# Import
+
+
+def is_bioimageio_package(path: str | os.PathLike) -> bool:
+    """True for a ``.zip`` holding ``rdf.yaml``/``bioimageio.yaml``, such a folder, or such a YAML file."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(p) as zf:
+                return any(n in ("rdf.yaml", "bioimageio.yaml") or n.endswith(".bioimageio.yaml")
+                           for n in zf.namelist())
+        except zipfile.BadZipFile:
+            return False
+    if p.is_dir():
+        return (p / "rdf.yaml").is_file() or (p / "bioimageio.yaml").is_file()
+    return p.is_file() and (p.name in ("rdf.yaml", "bioimageio.yaml") or p.name.endswith(".bioimageio.yaml"))
+
+
+def imports_dir() -> Path:
+    """Where imported packages are unpacked (``MPT_DEBLUR_CACHE_DIR`` overrides the user cache folder)."""
+    override = os.environ.get("MPT_DEBLUR_CACHE_DIR")
+    if override:
+        return Path(override) / "bioimageio"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("napari-mpt-deblur")) / "bioimageio"
+
+
+class _Package:
+    """Read access to the files of a package given as a zip, a folder or its YAML file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._zip = None
+        if path.is_file() and path.suffix == ".zip":
+            self._zip = zipfile.ZipFile(path)
+            names = self._zip.namelist()
+            self.rdf_name = next((n for n in ("rdf.yaml", "bioimageio.yaml") if n in names), None) or next(
+                n for n in names if n.endswith(".bioimageio.yaml"))
+            self.root = None
+        else:
+            if path.is_dir():
+                path = next(p for p in (path / "rdf.yaml", path / "bioimageio.yaml") if p.is_file())
+            self.rdf_name = path.name
+            self.root = path.parent
+
+    def read(self, name: str) -> bytes:
+        if Path(name).is_absolute() or ".." in Path(name).parts or "://" in name:
+            raise BioimageioError(f"{self.path}: refers to {name!r} outside the package; only packaged files are read")
+        try:
+            if self._zip is not None:
+                return self._zip.read(name)
+            return (self.root / name).read_bytes()
+        except (KeyError, FileNotFoundError) as exc:
+            raise BioimageioError(f"{self.path}: {name} is missing from the package") from exc
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def _source_name(entry: Any) -> tuple[str, str | None]:
+    if isinstance(entry, dict):
+        return str(entry.get("source", "")), entry.get("sha256")
+    return str(entry), None
+
+
+def import_bioimageio(path: str | os.PathLike) -> Path:
+    """The record path (``.json``) of our model inside a bioimage.io package, unpacked into the cache.
+
+    Only packages written by :func:`export_bioimageio` are accepted: their attachments hold our
+    safetensors + JSON model files, which are checked against the SHA-256 in ``rdf.yaml`` (and the
+    weights against the record's own checksum when the model is loaded). Nothing is unpickled.
+    """
+    import yaml
+
+    from ..models.registry import ModelFileError, read_record
+
+    path = Path(path)
+    if not is_bioimageio_package(path):
+        raise BioimageioError(f"{path}: not a bioimage.io package (no rdf.yaml / bioimageio.yaml)")
+    pkg = _Package(path)
+    try:
+        try:
+            rdf = yaml.safe_load(pkg.read(pkg.rdf_name))
+        except yaml.YAMLError as exc:
+            raise BioimageioError(f"{path}: {pkg.rdf_name} is not valid YAML ({exc})") from exc
+        if not isinstance(rdf, dict) or rdf.get("type") != "model":
+            raise BioimageioError(f"{path}: not a bioimage.io model description")
+        ours = (rdf.get("config") or {}).get("napari_mpt_deblur")
+        if not isinstance(ours, dict) or "record" not in ours or "weights" not in ours:
+            arch = ((rdf.get("weights") or {}).get("pytorch_state_dict") or {}).get("architecture") or {}
+            hint = f" (its architecture: {arch.get('callable', '?')})" if arch else ""
+            raise BioimageioError(
+                f"{path}: a bioimage.io model '{rdf.get('name', '?')}' that was not exported by napari-mpt-deblur"
+                f"{hint}; only packages written by `mpt-deblur export --format bioimageio` (MPT or H2T U-Net, with "
+                "their safetensors attachments) can be loaded, because other weights would have to be unpickled")
+        attachments = {}
+        for entry in rdf.get("attachments") or []:
+            name, sha = _source_name(entry)
+            attachments[name] = sha
+        files = {}
+        for key in ("record", "weights"):
+            name = str(ours[key])
+            if name not in attachments:
+                raise BioimageioError(f"{path}: {name} is not listed among the package's attachments")
+            data = pkg.read(name)
+            if attachments[name] and _sha256(data) != attachments[name]:
+                raise BioimageioError(f"{path}: {name} does not match its SHA-256 in {pkg.rdf_name}; "
+                                      "the package is corrupt or was modified")
+            files[key] = (name, data)
+    finally:
+        pkg.close()
+    record_name, record_bytes = files["record"]
+    weights_name, weights_bytes = files["weights"]
+    if Path(record_name).with_suffix("").name != Path(weights_name).with_suffix("").name:
+        raise BioimageioError(f"{path}: attachments {record_name} and {weights_name} do not belong together")
+    digest = _sha256(record_bytes + weights_bytes)[:16]
+    target = imports_dir() / digest
+    record_path = target / Path(record_name).name
+    if not record_path.is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=_ensure(imports_dir())))
+        try:
+            (tmp / Path(record_name).name).write_bytes(record_bytes)
+            (tmp / Path(weights_name).name).write_bytes(weights_bytes)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process unpacked the same package first
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        read_record(record_path)
+    except ModelFileError as exc:
+        raise BioimageioError(f"{path}: its model record is invalid: {exc}") from exc
+    return record_path
+
+
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def package_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """``rdf.yaml`` of a package as a dict (for messages and tests)."""
+    import yaml
+
+    pkg = _Package(Path(path))
+    try:
+        return yaml.safe_load(pkg.read(pkg.rdf_name))
+    finally:
+        pkg.close()
+
+
+__all__ = [
+    "BioimageioError", "ExportResult", "architecture_source", "export_bioimageio", "import_bioimageio",
+    "imports_dir", "is_bioimageio_package", "package_summary", "run_bioimageio_test",
+]
