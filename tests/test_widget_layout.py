@@ -46,10 +46,10 @@ def _geometry_problems(dock, widget) -> list[str]:
 @pytest.mark.parametrize("name", WIDGETS)
 def test_widget_fits_a_1280x800_window(make_napari_viewer_proxy, qtbot, name):
     viewer = make_napari_viewer_proxy(show=True)
-    window = viewer.window._qt_window
-    window.resize(1280, 800)
     viewer.add_image(np.random.default_rng(0).random((64, 64), dtype=np.float32), name="a layer with a long name")
     dock, widget = viewer.window.add_plugin_dock_widget("napari-mpt-deblur", name)
+    window = dock.window()  # the viewer's main window, through Qt (no private napari attribute)
+    window.resize(1280, 800)
     _settle(qtbot, 200)
     assert window.width() <= 1280 and window.height() <= 800
     assert _geometry_problems(dock, widget) == []
