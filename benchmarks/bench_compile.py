@@ -17,8 +17,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
+
+from _child import run_child
 
 CHILD = r"""
 import json, statistics, sys, time, warnings
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = {"model": model, "device": args.device, "tile": args.tile, "threads": args.threads,
                 "repeats": args.repeats}
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            raise SystemExit(f"{model} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_child(CHILD, json.dumps(spec), env=env, what=model))
     import torch
 
     print(f"{platform.processor() or platform.machine()}, device {args.device}, {args.threads} threads, torch "

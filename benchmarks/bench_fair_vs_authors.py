@@ -34,9 +34,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from _child import run_child
 
 CHILD = r"""
 import importlib.util, json, os, statistics, sys, time, types
@@ -114,10 +115,7 @@ def run_setting(allocator: str, args: argparse.Namespace) -> list[dict]:
             "attention": ["reference", "sdpa"] if args.attention == "both" else [args.attention]}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.pop("MPT_DEBLUR_NO_MALLOPT", None)
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark child ({allocator} allocator) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, json.dumps(spec), env=env, what=f"benchmark child ({allocator} allocator)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,9 @@ needed: ``--label`` only names the rows).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
+
+from _child import run_child
 
 CHILD = r"""
 import json, sys, time
@@ -81,11 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = []
     for _ in range(args.runs):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(args.idle), "1" if args.wait_preload else "0"],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise SystemExit(f"run failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_child(CHILD, str(args.idle), "1" if args.wait_preload else "0", what="run"))
     print(f"{args.runs} fresh processes, default model {rows[0]['model']}, plane {rows[0]['shape']}, "
           f"idle {args.idle} s before the click")
     print()

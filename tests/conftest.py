@@ -75,3 +75,26 @@ def wait_for_worker(qtbot):
         qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout_ms)
 
     return wait
+
+
+@pytest.fixture
+def fake_oom_model():
+    """A class wrapping a model like a GPU that runs out of memory (there is no GPU here, so the
+    error is injected on the CPU): ``FakeOOM(inner, max_pixels)`` refuses any batch with more than
+    ``max_pixels`` (batch x height x width) and records the shapes it was given in ``shapes``."""
+    import torch
+
+    class FakeOOM(torch.nn.Module):
+        def __init__(self, inner, max_pixels):
+            super().__init__()
+            self.inner = inner
+            self.max_pixels = max_pixels
+            self.shapes = []
+
+        def forward(self, x):
+            self.shapes.append(tuple(x.shape))
+            if x.shape[0] * x.shape[2] * x.shape[3] > self.max_pixels:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake, injected by the test)")
+            return self.inner(x)
+
+    return FakeOOM

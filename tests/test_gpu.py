@@ -82,22 +82,11 @@ def test_batched_stack_on_cuda_equals_per_plane_and_sizes_its_batch(model_path, 
     assert _psnr_gap(out, ref) < 1e-3
 
 
-class _FakeOOM(torch.nn.Module):
-    def __init__(self, inner, max_pixels):
-        super().__init__()
-        self.inner, self.max_pixels = inner, max_pixels
-
-    def forward(self, x):
-        if x.shape[0] * x.shape[2] * x.shape[3] > self.max_pixels:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return self.inner(x)
-
-
-def test_out_of_memory_back_off_on_cuda(model_path, plane):
+def test_out_of_memory_back_off_on_cuda(model_path, plane, fake_oom_model):
     from napari_mpt_deblur.inference import Deblurrer
 
     engine = Deblurrer(model_path, device="cuda", tile=512, overlap=32, batch_size=8, precision="fp32")
-    engine.model = _FakeOOM(engine.model, max_pixels=256 * 256)
+    engine.model = fake_oom_model(engine.model, max_pixels=256 * 256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         out = engine.deblur_array(np.stack([plane, plane[::-1]]), "ZYX")

@@ -310,27 +310,11 @@ def test_cancel_between_tiles_raises_cancelled_and_leaves_input_untouched(models
         engine.deblur(data, "ZYX", cancel=lambda: True).compute(scheduler="synchronous")
 
 
-class _FakeOOMModel(torch.nn.Module):
-    """Mock of a GPU running out of memory (no GPU here): refuses inputs above a pixel budget."""
-
-    def __init__(self, inner, max_pixels):
-        super().__init__()
-        self.inner = inner
-        self.max_pixels = max_pixels
-        self.shapes = []
-
-    def forward(self, x):
-        self.shapes.append(tuple(x.shape))
-        if x.shape[0] * x.shape[2] * x.shape[3] > self.max_pixels:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake, injected by the test)")
-        return self.inner(x)
-
-
-def test_out_of_memory_halves_the_batch_then_the_tile_and_finishes(models, real_plane):
+def test_out_of_memory_halves_the_batch_then_the_tile_and_finishes(models, real_plane, fake_oom_model):
     crop = real_plane[:300, :520]
     reference = Deblurrer(models["h2t"], tile=128, overlap=32, batch_size=1).deblur_plane(crop)
     engine = Deblurrer(models["h2t"], tile=256, overlap=32, batch_size=4)
-    engine.model = _FakeOOMModel(engine.model, max_pixels=128 * 128)
+    engine.model = fake_oom_model(engine.model, max_pixels=128 * 128)
     seen = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -105,27 +105,11 @@ def test_constant_and_mixed_shape_planes_in_one_stack(models, small_planes):
         engine.deblur_array(nan, "ZYX")
 
 
-class _FakeOOMModel(torch.nn.Module):
-    """A GPU running out of memory, injected on the CPU: refuses batches above a pixel budget."""
-
-    def __init__(self, inner, max_pixels):
-        super().__init__()
-        self.inner = inner
-        self.max_pixels = max_pixels
-        self.shapes = []
-
-    def forward(self, x):
-        self.shapes.append(tuple(x.shape))
-        if x.shape[0] * x.shape[2] * x.shape[3] > self.max_pixels:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (fake, injected by the test)")
-        return self.inner(x)
-
-
-def test_out_of_memory_in_the_batched_path_halves_batch_then_tile(models, small_planes):
+def test_out_of_memory_in_the_batched_path_halves_batch_then_tile(models, small_planes, fake_oom_model):
     planes = small_planes[:6]
     reference = Deblurrer(models["h2t"], tile=64, overlap=16, batch_size=1, pipeline=False).deblur_array(planes, "ZYX")
     engine = Deblurrer(models["h2t"], tile=128, overlap=16, batch_size=16)
-    engine.model = fake = _FakeOOMModel(engine.model, max_pixels=2 * 64 * 64)
+    engine.model = fake = fake_oom_model(engine.model, max_pixels=2 * 64 * 64)
     seen = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
