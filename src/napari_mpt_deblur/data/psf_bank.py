@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +45,9 @@ _REF_WAVELENGTH_UM = 0.5
 
 def cache_dir() -> Path:
     """Folder of cached PSF banks (``MPT_DEBLUR_CACHE_DIR`` overrides the user cache folder)."""
-    override = os.environ.get("MPT_DEBLUR_CACHE_DIR")
-    if override:
-        return Path(override) / "psf_banks"
-    from platformdirs import user_cache_dir
+    from ..io.cache import cache_dir as package_cache_dir
 
-    return Path(user_cache_dir("napari-mpt-deblur")) / "psf_banks"
+    return package_cache_dir("psf_banks")
 
 
 def radius_nodes(r_min: float, r_max: float) -> np.ndarray:

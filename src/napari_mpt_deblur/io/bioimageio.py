@@ -568,12 +568,9 @@ def is_bioimageio_package(path: str | os.PathLike) -> bool:
 
 def imports_dir() -> Path:
     """Where imported packages are unpacked (``MPT_DEBLUR_CACHE_DIR`` overrides the user cache folder)."""
-    override = os.environ.get("MPT_DEBLUR_CACHE_DIR")
-    if override:
-        return Path(override) / "bioimageio"
-    from platformdirs import user_cache_dir
+    from .cache import cache_dir
 
-    return Path(user_cache_dir("napari-mpt-deblur")) / "bioimageio"
+    return cache_dir("bioimageio")
 
 
 class _Package:
