@@ -98,3 +98,21 @@ def fake_oom_model():
             return self.inner(x)
 
     return FakeOOM
+
+
+#: A tiny MPT (a few thousand parameters): fast enough for training-loop tests on a CPU.
+MICRO_MPT = {"preset": "micro", "dim": 8, "heads": (1, 2), "scales": ((0.5, 1.0), (1.0, 1.0)), "window_size": 4}
+
+
+@pytest.fixture(scope="session")
+def micro_model_path(tmp_path_factory) -> pathlib.Path:
+    """A saved, untrained :data:`MICRO_MPT` model (seed 0); tests copy it before changing it."""
+    import torch
+
+    from napari_mpt_deblur.models.config import MPTConfig
+    from napari_mpt_deblur.models.registry import build_model, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "micro"
+    save_model(build_model(MPTConfig(**MICRO_MPT)), path, name="micro", trained=False)
+    return path

@@ -10,7 +10,7 @@ import pytest
 
 from napari_mpt_deblur.cli import EXIT_OK, build_parser, main
 
-SUBCOMMANDS = ["predict", "train", "finetune", "export", "evaluate", "benchmark", "compare", "info", "demo"]
+SUBCOMMANDS = ["predict", "train", "finetune", "calibrate", "export", "evaluate", "benchmark", "compare", "info", "demo"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

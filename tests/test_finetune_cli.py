@@ -13,21 +13,13 @@ from napari_mpt_deblur.cli import main
 from napari_mpt_deblur.data.psf import PSFParams
 from napari_mpt_deblur.data.samples import defocused_bbbc006, in_focus_bbbc006
 from napari_mpt_deblur.data.synthesis import synthesize_defocus
-from napari_mpt_deblur.models.config import MPTConfig
-from napari_mpt_deblur.models.registry import build_model, load_model, save_model
+from napari_mpt_deblur.models.registry import load_model
 from napari_mpt_deblur.training.finetune import FineTuner, finetune
 
+#: The same tiny MPT as conftest.MICRO_MPT (the micro_model_path fixture), as a config.
 MICRO = {"preset": "micro", "dim": 8, "heads": (1, 2), "scales": ((0.5, 1.0), (1.0, 1.0)), "window_size": 4}
 
 
-
-
-@pytest.fixture(scope="module")
-def micro_model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "micro"
-    save_model(build_model(MPTConfig(**MICRO)), path, name="micro", trained=False)
-    return path
 
 
 def test_finetune_uses_unlabeled_images_and_leaves_the_original_alone(micro_model_path):

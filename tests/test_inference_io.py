@@ -219,3 +219,38 @@ def test_worker_processes_load_the_model_once(model_path, stack):
         loads = worker_model_loads(client)
     np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-2)
     assert list(loads.values()) == [1], f"each worker must read the model once for 4 planes: {loads}"
+
+
+def test_run_record_round_trips_through_tiff_and_zarr(model_path, stack, tmp_path):
+    """read_image gives back the typed run record that the engine stores on a napari layer
+    (``Deblurrer.metadata()``, the Deblur widget's in-memory path), for TIFF and zarr outputs."""
+    from napari_mpt_deblur.io.run_record import RunRecord
+
+    engine = Deblurrer(model_path, tile=64, overlap=16, output_dtype="input")
+    layer_record = RunRecord.from_metadata(engine.metadata())
+    sha = layer_record.model.weights_sha256
+    assert len(sha) == 64 and sha == json.loads(open(model_path).read())["weights_sha256"]
+    for out in (tmp_path / "out.tif", tmp_path / "out.zarr"):
+        if out.suffix == ".tif":
+            engine.write_tiff(stack, out, axes="ZYX")
+        else:
+            engine.write_zarr(stack, out, axes="ZYX")
+        record = read_image(out).run_record
+        assert isinstance(record, RunRecord), out
+        assert record.model.weights_sha256 == sha
+        assert record.settings == layer_record.settings
+        assert record.settings.tile == 64 and record.settings.overlap == 16
+        assert record.settings.output_dtype == "input"
+        assert record.settings_in_use == record.settings  # no out-of-memory fallback on this run
+        assert record.complete is True
+        assert record.seconds is not None and record.seconds > 0
+        assert record.input.shape == [4, 96, 128] and record.input.dtype == "uint16"
+        assert record.axes == "ZYX" and record.output_dtype == "uint16"
+        assert record.versions["napari-mpt-deblur"] == layer_record.version
+    assert read_image(tmp_path / "out.tif", axes="ZYX").run_record is not None
+    assert read_image(_write_plain_tiff(tmp_path / "plain.tif", stack)).run_record is None
+
+
+def _write_plain_tiff(path, data):
+    tifffile.imwrite(path, data, photometric="minisblack")
+    return path

@@ -13,7 +13,7 @@ def test_manifest_validates():
 
     manifest = PluginManifest.from_distribution("napari-mpt-deblur")
     assert {w.display_name for w in manifest.contributions.widgets} == {
-        "Deblur", "Fine-tune with EFCRex", "StarDist compare"}
+        "Deblur", "Fine-tune with EFCRex", "Calibrate to my microscope", "StarDist compare"}
     assert len(manifest.contributions.sample_data) == 4
 
 
@@ -28,6 +28,8 @@ def test_samples_load_through_the_manifest(make_napari_viewer_proxy):
     assert viewer.layers["U2OS nuclei labels"].data.max() == 119
     stack = viewer.layers["synthetic defocus z-stack (U2OS)"]
     assert stack.data.shape == (7, 520, 696) and tuple(stack.scale) == (4.0, 0.645, 0.645)
+    # The optics it was made with, for the Calibrate widget to fill in.
+    assert stack.metadata["optics"] == {"na": 0.45, "immersion_index": 1.0, "wavelength_um": 0.461, "pixel_um": 0.645}
     # Every sample is in micrometres at its pixel size: no "Inconsistent units" between samples.
     for layer in viewer.layers:
         assert [str(u) for u in layer.units][-2:] == ["micrometer", "micrometer"], (layer.name, layer.units)
@@ -59,7 +61,8 @@ def test_manifest_puts_the_widgets_in_napari_layer_menus():
     manifest = PluginManifest.from_distribution("napari-mpt-deblur")
     menus = {key: [item.command for item in items] for key, items in manifest.contributions.menus.items()}
     assert menus == {
-        "napari/layers/filter": ["napari-mpt-deblur.deblur_widget", "napari-mpt-deblur.finetune_widget"],
+        "napari/layers/filter": ["napari-mpt-deblur.deblur_widget", "napari-mpt-deblur.finetune_widget",
+                                 "napari-mpt-deblur.calibrate_widget"],
         "napari/layers/segment": ["napari-mpt-deblur.compare_widget"],
     }
     # The `npe2 validate` command line, from the same environment as the tests.

@@ -34,6 +34,7 @@ def test_shipped_model_files_are_small_fp16_and_say_how_they_were_trained():
         assert training["config"]["data"][0]["names"] == "u2os_train"
 
 
+@pytest.mark.slow  # mpt-small-fluo: ~30 s on 2 CPU cores
 @pytest.mark.parametrize("name", list(SHIPPED))
 def test_shipped_model_deblurs_a_held_out_image(name):
     """8 um of defocus at the benchmark's 20x/0.45 NA settings on the bundled held-out U2OS image."""

@@ -96,16 +96,51 @@ def test_lazy_layer_stays_lazy_via_zarr(qtbot, wait_for_worker, deblur_widget, t
     assert tuple(out.scale) == (2.0, 0.5, 0.5)
     assert out.metadata["mpt_deblur"]["axes"] == "ZYX"
     assert out.metadata["mpt_deblur"]["zarr_path"].endswith(".zarr")
+    # The layer and the store carry the same typed run record (model SHA-256, resolved settings).
+    from napari_mpt_deblur.io.images import read_image
+    from napari_mpt_deblur.io.run_record import RunRecord
+
+    on_layer = RunRecord.from_metadata(out.metadata["mpt_deblur"])
+    in_store = read_image(out.metadata["mpt_deblur"]["zarr_path"]).run_record
+    assert len(on_layer.model.weights_sha256) == 64
+    assert in_store.model.weights_sha256 == on_layer.model.weights_sha256
+    assert in_store.settings == on_layer.settings and in_store.settings.tile == on_layer.settings.tile
+    assert in_store.complete is True and in_store.input.shape == [3, 96, 128]
 
 
 def test_bad_input_is_reported_not_raised(qtbot, wait_for_worker, deblur_widget, tmp_path):
     viewer, widget = deblur_widget
     widget.image.value = viewer.add_image(np.zeros((64, 64), np.float32), name="img")
     widget.model_file.line_edit.value = str(tmp_path / "missing.json")
-    assert widget.run() is not None  # a worker started
-    wait_for_worker(widget)
-    assert "unknown model" in widget.status.value or "not found" in widget.status.value
+    assert widget.run() is None  # refused on the GUI thread: the model record is read there
+    assert widget.worker is None
+    assert widget.status.value.startswith("error: model file not found")
+    assert str(tmp_path / "missing.json") in widget.status.value
     widget.save_zarr.value = True
     widget.zarr_path.line_edit.value = ""  # an empty box (FileEdit.value = "" would mean the cwd)
     assert widget.run() is None
     assert "choose where to write" in widget.status.value
+
+
+def test_a_tile_the_model_cannot_take_is_refused_before_any_worker_starts(qtbot, make_napari_viewer_proxy, tmp_path):
+    """The settings are built and checked on the GUI thread against the chosen model's size
+    multiple (128 for the MPT "small" preset), which also sets the tile SpinBox's step."""
+    torch.manual_seed(0)
+    path = save_model(build_model(preset_config("mpt", "small", 1)), tmp_path / "models" / "small-test")
+    viewer = make_napari_viewer_proxy()
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Deblur")
+    widget.model_file.value = str(path)
+    qtbot.waitUntil(lambda: widget.tile.step == 128, timeout=120_000)  # once the preload imported torch
+    widget.image.value = viewer.add_image(np.ones((256, 256), np.float32), name="img")
+    widget.tile.value = 192
+    assert widget.tile.value == 192
+    assert widget.run() is None
+    assert widget.worker is None
+    assert "tile 192 is not a multiple of 128, the size multiple of model 'small-test' (mpt/small)" in widget.status.value
+    assert "use 128 or 256" in widget.status.value
+    widget.tile.value = 256
+    request = widget.build_request()
+    assert (request.settings.tile, request.settings.overlap, request.settings.device) == (256, None, "auto")
+    widget.tile.value = 0  # "0 = auto" in the SpinBox is None in the settings
+    assert widget.build_request().settings.tile is None
+    widget.preload_thread.join(timeout=120)  # no warm-up forward pass outlives the viewer

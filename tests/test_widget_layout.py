@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.napari
 
-WIDGETS = ("Deblur", "Fine-tune with EFCRex", "StarDist compare")
+WIDGETS = ("Deblur", "Fine-tune with EFCRex", "Calibrate to my microscope", "StarDist compare")
 LONG_STATUS = ("done (StarDist 2D model /home/someone/.local/share/napari-mpt-deblur/stardist/"
                "u2os_nuclei_shipped_model_from_a_very_long_folder_name_v1); nuclei before: 83, after: 101 " * 2)
 
@@ -59,6 +59,11 @@ def test_widget_fits_a_1280x800_window(make_napari_viewer_proxy, qtbot, name):
     assert dock.width() == width and window.width() <= 1280, "a long status line widened the dock"
     assert _geometry_problems(dock, widget) == []
     assert widget.status.native.toolTip() == LONG_STATUS  # the full text is still there
+    if name == "Calibrate to my microscope":  # its other texts too: optics sources, PSNR
+        widget.optics_sources.value = widget.psnr.value = LONG_STATUS
+        _settle(qtbot, 200)
+        assert dock.width() == width and window.width() <= 1280
+        assert _geometry_problems(dock, widget) == []
 
 
 def test_empty_loss_plot_has_no_axes_until_the_first_step(make_napari_viewer_proxy):

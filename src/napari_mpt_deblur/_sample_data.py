@@ -6,7 +6,7 @@ from .data import samples
 
 _SOURCE = {"source": "see napari_mpt_deblur/sample_data/PROVENANCE.md"}
 #: Every sample in micrometres, so opening several never mixes units in one viewer. BBBC006:
-#: 20x objective, 0.645 um pixels (SPEC section 8); the 520x696 U2OS images of BBBC038 come from
+#: 20x objective, 0.645 um pixels (docs/benchmarks.md); the 520x696 U2OS images of BBBC038 come from
 #: the same kind of acquisition and are treated as 0.645 um pixels throughout this project (the
 #: synthetic stack is made at that size); BBBC038 itself publishes no per-image pixel size.
 PIXEL_UM = 0.645
@@ -34,7 +34,11 @@ def u2os_nuclei_with_labels():
 def synthetic_defocus_stack():
     stack = samples.synthetic_defocus_stack()
     spacing = samples.SYNTHETIC_STACK_DEFOCUS_UM[1] - samples.SYNTHETIC_STACK_DEFOCUS_UM[0]
+    from .data.optics import BENCHMARK_OPTICS
+
     meta = {**_SOURCE, "defocus_um": list(samples.SYNTHETIC_STACK_DEFOCUS_UM),
-            "psf": "scalar, 20x/0.45 NA air, 0.461 um emission, 0.645 um pixels; noise: 1000 photons peak, read 3"}
+            "psf": "scalar, 20x/0.45 NA air, 0.461 um emission, 0.645 um pixels; noise: 1000 photons peak, read 3",
+            # Read by the Calibrate widget (field names and units of data.optics.Acquisition).
+            "optics": BENCHMARK_OPTICS.model_dump()}  # the optics the stack is made with
     return [(stack, {"name": "synthetic defocus z-stack (U2OS)", "metadata": meta, "scale": (spacing, PIXEL_UM, PIXEL_UM),
                      "axis_labels": ("z", "y", "x"), "units": ("um", "um", "um")}, "image")]

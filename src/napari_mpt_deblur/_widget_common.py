@@ -1,4 +1,5 @@
-"""Helpers shared by the napari widgets: layer geometry, axes, model choices, notifications.
+"""Helpers shared by the napari widgets: layer geometry, axes, model choices, notifications,
+the training-loss plot.
 
 Only wiring lives here; every computation is a library call.
 """
@@ -165,6 +166,116 @@ def keep_labels_readable(container) -> None:
     fitter = _Fitter(container.native)
     container.native.installEventFilter(fitter)
     fit()
+
+
+def image_layer_names(viewer) -> list[str]:
+    """The names of the viewer's image layers, in layer-list order (a layer-choice list's choices)."""
+    from napari.layers import Image
+
+    return [layer.name for layer in viewer.layers if isinstance(layer, Image)]
+
+
+def start_training_worker(widget, function, *args, on_yielded) -> Any:
+    """Run a training generator ``function(*args)`` (a record per step) in a napari worker for the
+    fine-tune or calibrate dock, and return the started worker.
+
+    Records go to ``on_yielded``, an error to ``widget._on_error`` and the end to
+    ``widget._on_finished``, all on the GUI thread; while it runs ``widget.worker`` is the worker,
+    Start and Save are greyed out and Stop is enabled.
+    """
+    from napari.qt.threading import create_worker
+
+    # Passing "errored" here stops napari from re-raising worker errors into the event loop.
+    worker = create_worker(function, *args, _start_thread=False, _connect={"errored": widget._on_error})
+    worker.yielded.connect(on_yielded)
+    worker.finished.connect(widget._on_finished)
+    widget.start_button.enabled = False
+    widget.stop_button.enabled = True
+    widget.save_button.enabled = False
+    widget.worker = worker
+    worker.start()
+    return worker
+
+
+def save_trained_model(widget, save) -> Any:
+    """Save a training dock's model: call ``save()`` (which writes it and returns its path). On an
+    error the dock's status and a notification say why and None is returned (nothing else
+    changes); on success every model list refreshes (:data:`model_events`) and the path is returned."""
+    try:
+        path = save()
+    except Exception as exc:
+        widget.status.value = f"error: {exc}"
+        notify_error(exc, "Save model")
+        return None
+    model_events.changed.emit()
+    return path
+
+
+class LossPlot:
+    """The live training-loss plot of the fine-tune and calibrate docks: a matplotlib canvas at the
+    bottom of ``container`` that follows napari's theme (dark/light/system) instead of matplotlib's
+    white box. Before the first step it shows no axes (an empty 0-1 frame means nothing), only
+    ``placeholder``, which says what will appear there.
+
+    height: the figure's height in inches (at 90 dpi, 4 in wide); min_height: the canvas's minimum
+    height in screen pixels.
+    """
+
+    def __init__(self, container, viewer, placeholder: str, height: float, min_height: int) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self._viewer = viewer
+        self.figure = Figure(figsize=(4, height), dpi=90, tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(min_height)
+        ax = self.figure.add_subplot(111)
+        (self.line,) = ax.plot([], [], color="tab:orange")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_axis_off()
+        self.placeholder = ax.text(0.5, 0.5, placeholder, ha="center", va="center", transform=ax.transAxes)
+        container.native.layout().addWidget(self.canvas)
+        self._apply_theme()
+        viewer.events.theme.connect(self._on_theme)
+
+    def show(self, losses: list[float]) -> None:
+        """Plot ``losses``, one per step from step 1; the axes appear with the first one."""
+        self.line.set_data(list(range(1, len(losses) + 1)), losses)
+        ax = self.line.axes
+        if not ax.axison:
+            ax.set_axis_on()
+            self.placeholder.set_visible(False)
+        ax.relim()
+        ax.autoscale_view()
+        self.canvas.draw_idle()
+
+    def clear(self) -> None:
+        """Remove the curve (a new run starts)."""
+        self.line.set_data([], [])
+        self.canvas.draw_idle()
+
+    def _apply_theme(self) -> None:
+        from napari.utils.theme import get_theme
+
+        theme = get_theme(self._viewer.theme)
+        background, text, foreground = (getattr(theme, k).as_hex() for k in ("background", "text", "foreground"))
+        ax = self.line.axes
+        self.figure.set_facecolor(background)
+        ax.set_facecolor(background)
+        for spine in ax.spines.values():
+            spine.set_color(foreground)
+        ax.tick_params(colors=text, which="both")
+        ax.xaxis.label.set_color(text)
+        ax.yaxis.label.set_color(text)
+        self.placeholder.set_color(text)
+
+    def _on_theme(self, _event=None) -> None:
+        try:
+            self._apply_theme()
+            self.canvas.draw_idle()
+        except RuntimeError:  # the Qt canvas is gone (viewer closed): stop following
+            self._viewer.events.theme.disconnect(self._on_theme)
 
 
 def rgb_display_kwargs(data: Any) -> dict[str, Any]:

@@ -37,6 +37,8 @@ from ._widget_common import (
 if TYPE_CHECKING:
     import napari
 
+    from .inference.settings import InferenceSettings
+
 _TEMP_DIRS: list[str] = []
 
 
@@ -60,7 +62,8 @@ class DeblurRequest:
     data: Any
     axes: str
     model: str
-    settings: dict[str, Any]
+    #: Checked against the model's size multiple on the GUI thread (``None`` fields: device defaults).
+    settings: InferenceSettings
     zarr_path: Path | None
     geometry: dict[str, Any] = field(default_factory=dict)
     colormap: str | None = None
@@ -113,22 +116,17 @@ def device_choices(probe: bool = True) -> list[str]:
     Deblur widget's first paint; its preload refreshes the list once torch is imported)."""
     if not probe:
         return ["auto", "cpu"]
-    import torch
+    from .inference.devices import device_choices as library_device_choices  # imports torch
 
-    choices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        choices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        choices.append("mps")
-    return choices
+    return library_device_choices()
 
 
 def run_deblur(request: DeblurRequest, cancel: threading.Event, progress=None) -> tuple[Any, dict[str, Any]]:
     """Worker body (no Qt): restore ``request.data``; return (output data, metadata)."""
-    from .inference.engine import Deblurrer, InferenceSettings
+    from .inference.drivers import Deblurrer
     from .io.images import read_image
 
-    engine = Deblurrer(request.model, InferenceSettings(**request.settings))
+    engine = Deblurrer(request.model, request.settings)
     if request.zarr_path is None:
         out = engine.deblur_array(request.data, request.axes, progress=progress, cancel=cancel)
         meta = engine.metadata()
@@ -136,8 +134,8 @@ def run_deblur(request: DeblurRequest, cancel: threading.Event, progress=None) -
         return out, meta
     engine.write_zarr(request.data, request.zarr_path, request.axes, progress=progress, cancel=cancel)
     source = read_image(request.zarr_path)
-    meta = engine.metadata()
-    meta.update({"axes": request.axes, "zarr_path": str(request.zarr_path)})
+    meta = source.run_record.to_metadata()  # the layer carries the record the store carries
+    meta["zarr_path"] = str(request.zarr_path)
     return source.data, meta
 
 
@@ -155,6 +153,8 @@ class DeblurWidget(Container):
         # A bioimage.io package exported by mpt-deblur (.zip, or rdf.yaml of an unpacked one) loads too.
         self.model_file = FileEdit(label="or model file", mode="r",
                                    filter="*.json *.safetensors *.zip *.yaml", value="")
+        self.model.changed.connect(self._on_model_changed)
+        self.model_file.changed.connect(self._on_model_changed)
         self._torch_ready = threading.Event()
         self._clicked = threading.Event()  # set by run(): the preload then skips its warm-up pass
         self.device = ComboBox(label="device", choices=lambda _w: device_choices(probe=self._torch_ready.is_set()),
@@ -184,7 +184,32 @@ class DeblurWidget(Container):
         self.worker = None
         #: The layer the last successful run added (for scripts and tests).
         self.last_layer = None
+        self._on_model_changed()
         self._start_preload()
+
+    def _model_size_multiple(self, strict: bool = False) -> tuple[int, str] | None:
+        """(size multiple, "model 'name' (arch/preset)") of the chosen model, from its JSON record
+        (no weights loaded). When no model is chosen or its record cannot be read: None, or with
+        ``strict`` the error saying why."""
+        from .models.registry import read_record, resolve_model_path
+
+        try:
+            record = read_record(resolve_model_path(self._model_spec()))
+        except Exception:  # noqa: BLE001 - a bad model is reported when the user clicks Deblur
+            if strict:
+                raise
+            return None
+        arch = record.architecture
+        return arch.size_multiple, f"model {record.name!r} ({arch.arch}/{arch.preset})"
+
+    def _on_model_changed(self, *_: Any) -> None:
+        """The tile SpinBox steps by the chosen model's size multiple (the tiles it accepts). Only
+        once the preload has imported torch (the registry needs it): the first paint stays fast."""
+        if not self._torch_ready.is_set():
+            return
+        found = self._model_size_multiple()
+        if found is not None:
+            self.tile.step = found[0]
 
     def _start_preload(self) -> None:
         """Import torch, load the selected model and warm it up on a background thread (see :func:`preload`)."""
@@ -206,6 +231,7 @@ class DeblurWidget(Container):
     def _on_preloaded(self) -> None:
         try:
             self.device.reset_choices()  # now with the GPUs torch found
+            self._on_model_changed()  # the tile step of the chosen model
         except RuntimeError:  # the widget's Qt side is gone
             pass
 
@@ -233,23 +259,29 @@ class DeblurWidget(Container):
             raise ValueError("choose an image layer first")
         data = layer_data(layer)
         axes = self.axes.value.strip().upper() or axes_for_layer(layer)
-        settings: dict[str, Any] = {"device": self.device.value, "output_dtype": self.output_dtype.value}
-        if self.tile.value > 0:
-            settings["tile"] = int(self.tile.value)
-        if self.overlap.value >= 0:
-            settings["overlap"] = int(self.overlap.value)
         zarr_path = _path_or_none(self.zarr_path) if self.save_zarr.value else None
         if self.save_zarr.value and zarr_path is None:
             raise ValueError("'save to zarr' is on: choose where to write the zarr store")
         if zarr_path is not None and zarr_path.exists():
             raise ValueError(f"{zarr_path} already exists; choose a new path (nothing is overwritten)")
+        model = self._model_spec()
+        found = self._model_size_multiple(strict=True)
+        from .inference.settings import InferenceSettings
+
+        # Built and checked here, on the GUI thread, so a tile the model cannot take is refused
+        # before any worker starts; 0 and -1 in the SpinBoxes are "auto" (None).
+        settings = InferenceSettings.for_model(
+            *found, device=self.device.value, output_dtype=self.output_dtype.value,
+            tile=int(self.tile.value) if self.tile.value > 0 else None,
+            overlap=int(self.overlap.value) if self.overlap.value >= 0 else None,
+        )
         if zarr_path is None and is_lazy(data):
             # Lazy in, lazy out: stream into a temporary store instead of loading the stack.
             tmp = tempfile.mkdtemp(prefix="mpt-deblur-")
             _TEMP_DIRS.append(tmp)
             zarr_path = Path(tmp) / f"{layer.name}-deblurred.zarr"
         colormap = getattr(getattr(layer, "colormap", None), "name", None)
-        return DeblurRequest(layer_name=layer.name, data=data, axes=axes, model=self._model_spec(),
+        return DeblurRequest(layer_name=layer.name, data=data, axes=axes, model=model,
                              settings=settings, zarr_path=zarr_path, geometry=geometry_kwargs(layer),
                              colormap=colormap)
 

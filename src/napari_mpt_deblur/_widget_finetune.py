@@ -2,7 +2,7 @@
 
 Each step takes a labeled batch (synthetic defocus pairs from sharp images, or the blurred/sharp
 layer pair when one is given) and an unlabeled batch from the chosen layers (the extended
-contrastive term, SPEC section 4). Training runs in a generator ``thread_worker`` that yields a
+contrastive term, docs/training.md). Training runs in a generator ``thread_worker`` that yields a
 record per step; the loss plot updates live, Stop ends the run after the current step and keeps
 the weights so far, Save writes a safetensors + JSON model that the Deblur widget then lists.
 """
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton, Select, SpinBox
 
-from ._widget_common import (keep_labels_readable, layer_data, model_choices, model_events, notify_error,
-                             notify_info, status_line)
+from ._widget_common import (LossPlot, image_layer_names, keep_labels_readable, layer_data, model_choices,
+                             notify_error, notify_info, save_trained_model, start_training_worker, status_line)
 
 if TYPE_CHECKING:
     import napari
@@ -72,7 +72,9 @@ class FinetuneWidget(Container):
         self.extend([self.unlabeled, self.paired_blurred, self.paired_sharp, self.start_model, self.steps, self.lr,
                      self.batch, self.patch, self.device, self.start_button, self.stop_button, self.status,
                      self.model_name, self.save_path, self.save_button])
-        self._figure, self._canvas, self._line = self._make_plot()
+        self._plot = LossPlot(self, napari_viewer, "the training loss is plotted here\nonce fine-tuning starts",
+                              height=2.2, min_height=160)
+        self._figure, self._line, self._placeholder = self._plot.figure, self._plot.line, self._plot.placeholder
         status_line(self.status)
         keep_labels_readable(self)
         self.start_button.changed.connect(self.start)
@@ -84,55 +86,7 @@ class FinetuneWidget(Container):
         self.saved_path: Path | None = None
 
     def _image_layer_names(self, _widget=None) -> list[str]:
-        from napari.layers import Image
-
-        return [layer.name for layer in self._viewer.layers if isinstance(layer, Image)]
-
-    def _make_plot(self):
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(4, 2.2), dpi=90, tight_layout=True)
-        canvas = FigureCanvasQTAgg(figure)
-        canvas.setMinimumHeight(160)
-        ax = figure.add_subplot(111)
-        (line,) = ax.plot([], [], color="tab:orange")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        # No run yet: no axes (an empty 0-1 frame means nothing), just what will appear here.
-        ax.set_axis_off()
-        self._placeholder = ax.text(0.5, 0.5, "the training loss is plotted here\nonce fine-tuning starts",
-                                    ha="center", va="center", color="0.5", transform=ax.transAxes)
-        self.native.layout().addWidget(canvas)
-        self._apply_theme(figure, ax)
-        # Follow napari's theme (dark/light/system) instead of matplotlib's white box.
-        self._viewer.events.theme.connect(self._on_theme)
-        return figure, canvas, line
-
-    def _theme_colors(self) -> dict[str, str]:
-        """napari's current theme as hex colours: background, text, axes lines (foreground), highlight."""
-        from napari.utils.theme import get_theme
-
-        theme = get_theme(self._viewer.theme)
-        return {k: getattr(theme, k).as_hex() for k in ("background", "text", "foreground", "highlight")}
-
-    def _apply_theme(self, figure, ax) -> None:
-        colors = self._theme_colors()
-        figure.set_facecolor(colors["background"])
-        ax.set_facecolor(colors["background"])
-        for spine in ax.spines.values():
-            spine.set_color(colors["foreground"])
-        ax.tick_params(colors=colors["text"], which="both")
-        ax.xaxis.label.set_color(colors["text"])
-        ax.yaxis.label.set_color(colors["text"])
-        self._placeholder.set_color(colors["text"])
-
-    def _on_theme(self, _event=None) -> None:
-        try:
-            self._apply_theme(self._figure, self._line.axes)
-            self._canvas.draw_idle()
-        except RuntimeError:  # the Qt canvas is gone (viewer closed): stop following
-            self._viewer.events.theme.disconnect(self._on_theme)
+        return image_layer_names(self._viewer)
 
     # ---- start / stop ----------------------------------------------------------------------
 
@@ -173,8 +127,6 @@ class FinetuneWidget(Container):
 
     def start(self):
         """Start fine-tuning in a worker; returns the worker (None when the input is bad)."""
-        from napari.qt.threading import create_worker
-
         if self.worker is not None:
             notify_info("fine-tuning is already running")
             return None
@@ -194,15 +146,7 @@ class FinetuneWidget(Container):
             tuner.model.eval()
 
         self.status.value = f"fine-tuning {tuner.base_name} for {self.steps.value} steps..."
-        worker = create_worker(work, _start_thread=False, _connect={"errored": self._on_error})
-        worker.yielded.connect(self._on_step)
-        worker.finished.connect(self._on_finished)
-        self.start_button.enabled = False
-        self.stop_button.enabled = True
-        self.save_button.enabled = False
-        self.worker = worker
-        worker.start()
-        return worker
+        return start_training_worker(self, work, on_yielded=self._on_step)
 
     def stop(self) -> None:
         """End the run after the current step; the weights so far are kept for Save."""
@@ -214,15 +158,7 @@ class FinetuneWidget(Container):
 
     def _on_step(self, record) -> None:
         self.losses.append(float(record.losses["loss"]))
-        steps = range(1, len(self.losses) + 1)
-        self._line.set_data(list(steps), self.losses)
-        ax = self._line.axes
-        if not ax.axison:
-            ax.set_axis_on()
-            self._placeholder.set_visible(False)
-        ax.relim()
-        ax.autoscale_view()
-        self._canvas.draw_idle()
+        self._plot.show(self.losses)
         self.status.value = f"step {record.step}/{record.total_steps}: loss {self.losses[-1]:.4g}"
 
     def _on_error(self, exc: BaseException) -> None:
@@ -252,16 +188,13 @@ class FinetuneWidget(Container):
         if not typed and not name:
             self.status.value = "give the model a name or a file"
             return None
-        try:
-            # A typed name is only ever a NAME in the user model folder (never a path: no "../"),
-            # a chosen file is a path; the registry refuses shipped names for both.
-            target = Path(typed).absolute() if typed else sanitise_model_name(name)
-            self.saved_path = self.tuner.save(target)
-        except Exception as exc:
-            self.status.value = f"error: {exc}"
-            notify_error(exc, "Save model")
+        # A typed name is only ever a NAME in the user model folder (never a path: no "../"),
+        # a chosen file is a path; the registry refuses shipped names for both.
+        saved = save_trained_model(
+            self, lambda: self.tuner.save(Path(typed).absolute() if typed else sanitise_model_name(name)))
+        if saved is None:
             return None
-        model_events.changed.emit()
+        self.saved_path = saved
         self.status.value = f"saved {self.saved_path}"
         return self.saved_path
 

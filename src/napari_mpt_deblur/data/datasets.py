@@ -1,4 +1,4 @@
-"""Training data (SPEC section 5): paired folders, BBBC006-style plane folders, z-stacks with an
+"""Training data (docs/training.md): paired folders, BBBC006-style plane folders, z-stacks with an
 automatically found focal plane, synthetic defocus pairs from sharp images, and unlabeled images.
 
 Conventions shared by every dataset here:
@@ -7,7 +7,7 @@ Conventions shared by every dataset here:
 * A pair is brought to REFERENCE units first: the sharp image's 0.1 / 99.9 percentiles map to
   0 / 1 and the blurred image gets the same affine map (for synthetic pairs the sharp image is
   normalised and then blurred, so they already share units). Validation PSNR/SSIM are measured in
-  these units, like the benchmark (SPEC section 8).
+  these units, like the benchmark (docs/benchmarks.md).
 * The network input is normalised the way inference will normalise it: by the BLURRED image's own
   percentiles (``normalisation``, whole image, not the patch), and the target gets the same map, so
   training teaches exactly the mapping inference asks for.
@@ -19,77 +19,30 @@ Conventions shared by every dataset here:
 from __future__ import annotations
 
 import math
-import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..io.images import ImageReadError, read_array
+from ..io.paths import IMAGE_SUFFIXES, ImageReadError, list_images  # noqa: F401  (re-exported: one home, io.paths)
 from .normalisation import NormalisationConfig, normalise, percentile_range
+# Images and pairs from files live in .loaders; re-exported here for existing imports.
+from .loaders import (  # noqa: F401
+    Pair,
+    as_2d,
+    best_focus_plane,
+    focus_scores,
+    load_folder_pairs,
+    load_images,
+    load_plane_pairs,
+    load_zstack_pairs,
+    plane_folders,
+    read_image_2d,
+    reference_units,
+)
+from .optics import Acquisition
 from .psf import defocus_psf
 from .synthesis import DEPTH_LEVELS, DefocusRange, add_camera_noise, blur, synthesize_depth
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
-
-
-def as_2d(arr: np.ndarray, name: str = "image") -> np.ndarray:
-    """Squeeze singleton axes and average RGB(A) to grey; anything else than 2D is an error."""
-    a = np.squeeze(np.asarray(arr))
-    if a.ndim == 3 and a.shape[-1] in (3, 4):
-        a = a[..., :3].astype(np.float32).mean(axis=-1)
-    if a.ndim != 2:
-        raise ImageReadError(
-            f"{name}: expected a 2D image, got shape {np.shape(arr)}"
-            + (" (a z-stack? use a zstack data source)" if a.ndim == 3 else "")
-        )
-    if not np.all(np.isfinite(a)):
-        raise ImageReadError(f"{name}: contains NaN or Inf values")
-    return a
-
-
-def read_image_2d(path: str | os.PathLike) -> np.ndarray:
-    return as_2d(read_array(path), str(path))
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files in ``folder`` (sorted by name); an error names the folder if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageReadError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith("."))
-    if not files:
-        raise ImageReadError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return files
-
-
-# --------------------------------------------------------------------------------------------
-# Focus
-
-
-def focus_scores(stack: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """Focus measure of every plane of a (Z, Y, X) stack: variance of the Laplacian of Gaussian.
-
-    The Gaussian pre-filter (``sigma`` px) matters: the raw Laplacian's variance is dominated by
-    pixel noise and picked the wrong plane on a real widefield stack (SPEC section 5). Planes are
-    scaled by the stack's common percentile range so the scores compare across planes.
-    """
-    from scipy.ndimage import gaussian_laplace
-
-    s = np.asarray(stack)
-    if s.ndim != 3:
-        raise ValueError(f"focus_scores needs a (Z, Y, X) stack, got shape {s.shape}")
-    lo, hi = percentile_range(s, 0.1, 99.9)
-    return np.array([float(np.var(gaussian_laplace(normalise(p, lo, hi), sigma))) for p in s])
-
-
-def best_focus_plane(stack: np.ndarray, sigma: float = 1.0) -> int:
-    return int(np.argmax(focus_scores(stack, sigma)))
-
 
 # --------------------------------------------------------------------------------------------
 # Patches and augmentation
@@ -140,29 +93,6 @@ def _dihedral(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np
         a = np.rot90(a, k)
         out.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
     return out
-
-
-def reference_units(sharp: np.ndarray, blurred: np.ndarray | None = None,
-                    norm: NormalisationConfig | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Map ``sharp``'s percentiles to [0, 1] and apply the same map to ``blurred`` (float32)."""
-    norm = norm or NormalisationConfig()
-    lo, hi = percentile_range(sharp, norm.low, norm.high)
-    return normalise(sharp, lo, hi), None if blurred is None else normalise(blurred, lo, hi)
-
-
-def input_normalise(inp: np.ndarray, gt: np.ndarray | None, norm: NormalisationConfig) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
-    """Normalise ``inp`` by its own percentiles (as inference does) and ``gt`` by the same map."""
-    lo, hi = percentile_range(inp, norm.low, norm.high)
-    return normalise(inp, lo, hi), None if gt is None else normalise(gt, lo, hi), (lo, hi)
-
-
-@dataclass
-class Pair:
-    """A full-size training pair in reference units (float32, H x W)."""
-
-    inp: np.ndarray
-    gt: np.ndarray
-    name: str
 
 
 def _to_tensor(a: np.ndarray):
@@ -506,132 +436,26 @@ class UnlabeledPatches(_Base):
         return {"inp": _to_tensor(normalise(patch, lo, hi))}
 
 
-# --------------------------------------------------------------------------------------------
-# Sources: folders and files -> in-memory pairs / images
-
-
-def _match_key(name: str, pattern: str | None) -> str:
-    if pattern is None:
-        return Path(name).stem
-    m = re.search(pattern, name)
-    return m.group(1) if m and m.groups() else (m.group(0) if m else "")
-
-
-def load_folder_pairs(blurred_dir: str | os.PathLike, sharp_dir: str | os.PathLike,
-                      match: str | None = None, exclude: Sequence[str] = ()) -> list[Pair]:
-    """Pairs from two folders whose files match by name (stem, or the regex ``match``'s group)."""
-    blurred = {_match_key(p.name, match): p for p in list_images(blurred_dir)}
-    sharp = {_match_key(p.name, match): p for p in list_images(sharp_dir)}
-    common = sorted(k for k in blurred.keys() & sharp.keys() if k and not any(e in k for e in exclude))
-    if not common:
-        raise ImageReadError(
-            f"no matching names between {blurred_dir} ({len(blurred)} images) and {sharp_dir} ({len(sharp)} images)"
-        )
-    pairs = []
-    for key in common:
-        b, s = read_image_2d(blurred[key]), read_image_2d(sharp[key])
-        if b.shape != s.shape:
-            raise ImageReadError(f"{blurred[key]} is {b.shape} but {sharp[key]} is {s.shape}")
-        g, i = reference_units(s, b)
-        pairs.append(Pair(inp=i, gt=g, name=key))
-    return pairs
-
-
-_PLANE_RE = re.compile(r"z_?(\d+)$", re.IGNORECASE)
-
-
-def plane_folders(root: str | os.PathLike) -> dict[int, Path]:
-    """``{plane number: folder}`` for subfolders named like ``z_00`` / ``..._z16`` (BBBC006)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ImageReadError(f"plane folder root not found: {root}")
-    found = {}
-    for d in sorted(root.iterdir()):
-        m = _PLANE_RE.search(d.name)
-        if d.is_dir() and m:
-            found[int(m.group(1))] = d
-    if not found:
-        raise ImageReadError(f"{root}: no plane subfolders named like z_00 ... z_32")
-    return found
-
-
-def load_plane_pairs(root: str | os.PathLike, in_focus: int = 16, planes: Sequence[int] | None = None,
-                     match: str | None = None, exclude: Sequence[str] = ()) -> list[Pair]:
-    """BBBC006 layout: every chosen plane's images paired with the in-focus plane's (same names)."""
-    folders = plane_folders(root)
-    if in_focus not in folders:
-        raise ImageReadError(f"{root}: in-focus plane z_{in_focus:02d} not found (planes: {sorted(folders)})")
-    chosen = [z for z in (planes if planes is not None else sorted(folders)) if z != in_focus]
-    missing = [z for z in chosen if z not in folders]
-    if missing:
-        raise ImageReadError(f"{root}: planes {missing} not found (planes: {sorted(folders)})")
-    pairs = []
-    for z in chosen:
-        for pair in load_folder_pairs(folders[z], folders[in_focus], match, exclude):
-            pair.name = f"z{z:02d}/{pair.name}"
-            pairs.append(pair)
-    return pairs
-
-
-def load_zstack_pairs(path: str | os.PathLike, focus_plane: int | None = None, max_distance: int | None = None,
-                      sigma: float = 1.0) -> tuple[list[Pair], int]:
-    """Pairs from one (Z, Y, X) stack file: every plane vs the best-focus plane.
-
-    The focal plane is ``focus_plane`` or found with :func:`best_focus_plane`; planes farther than
-    ``max_distance`` from it are skipped. Returns ``(pairs, focal plane index)``.
-    """
-    stack = np.squeeze(read_array(path))
-    if stack.ndim != 3:
-        raise ImageReadError(f"{path}: expected a (Z, Y, X) stack, got shape {stack.shape}")
-    best = best_focus_plane(stack, sigma) if focus_plane is None else int(focus_plane)
-    if not 0 <= best < stack.shape[0]:
-        raise ImageReadError(f"{path}: focus_plane {best} outside 0..{stack.shape[0] - 1}")
-    pairs = []
-    for z in range(stack.shape[0]):
-        if z == best or (max_distance is not None and abs(z - best) > max_distance):
-            continue
-        g, i = reference_units(stack[best], stack[z])
-        pairs.append(Pair(inp=i, gt=g, name=f"{Path(path).stem}/z{z}"))
-    return pairs, best
-
-
-def load_images(source: str | os.PathLike | Sequence[str | os.PathLike], names: Sequence[str] | None = None,
-                exclude: Sequence[str] = ()) -> tuple[list[np.ndarray], list[str]]:
-    """Read 2D images from a folder (optionally only the given name stems) or a list of files."""
-    if isinstance(source, (str, os.PathLike)):
-        files = list_images(source)
-        if names is not None:
-            by_stem = {p.stem: p for p in files}
-            unknown = [n for n in names if n not in by_stem]
-            if unknown:
-                raise ImageReadError(f"{source}: no images named {unknown[:5]}")
-            files = [by_stem[n] for n in names]
-    else:
-        files = [Path(f) for f in source]
-    files = [f for f in files if not any(e in f.stem for e in exclude)]
-    if not files:
-        raise ImageReadError(f"no images left in {source} after excluding {list(exclude)}")
-    return [read_image_2d(f) for f in files], [f.stem for f in files]
-
-
 def synthetic_validation_pairs(sharp: Sequence[np.ndarray], names: Sequence[str], defocus_um: Sequence[float],
-                               psf_model: str = "scalar", na: float = 0.45, wavelength_um: float = 0.461,
-                               pixel_um: float = 0.645, peak_photons: float | None = 1000.0,
-                               read_sigma_photons: float = 3.0, crop: int | None = 256, seed: int = 0) -> list[Pair]:
-    """Fixed validation pairs with the benchmark's settings (SPEC section 8) at each defocus.
+                               optics: Acquisition | None = None, psf_model: str = "scalar",
+                               peak_photons: float | None = 1000.0, read_sigma_photons: float = 3.0,
+                               crop: int | None = 256, seed: int = 0) -> list[Pair]:
+    """Fixed validation pairs at each defocus (um) with ``optics`` (default: the benchmark's
+    microscope, :data:`~napari_mpt_deblur.data.optics.BENCHMARK_OPTICS`; docs/benchmarks.md).
 
     Each sharp image is normalised to [0, 1] by its own percentiles, blurred with the full
     (automatically sized) PSF, made noisy with a seed per image and defocus (so every run
     validates on identical inputs) and then centre-cropped to ``crop`` if given.
     """
-    from .psf import PSFParams
+    from .optics import BENCHMARK_OPTICS
     from .synthesis import synthesize_defocus
 
+    optics = optics or BENCHMARK_OPTICS
     pairs = []
     for i, (img, name) in enumerate(zip(sharp, names)):
         gt = reference_units(as_2d(img, name))[0]
         for j, dz in enumerate(defocus_um):
-            params = PSFParams(model=psf_model, na=na, wavelength_um=wavelength_um, pixel_um=pixel_um, defocus_um=dz)
+            params = optics.psf_params(dz, model=psf_model)
             inp = synthesize_defocus(gt, params, peak_photons, read_sigma_photons, rng=np.random.default_rng([seed, i, j]))
             pairs.append(Pair(inp=inp, gt=gt, name=f"{name}@{dz:g}um"))
     # Blur the whole image, then crop: the crop's borders see real neighbours, not reflections.
@@ -648,7 +472,3 @@ def crop_pairs(pairs: Sequence[Pair], crop: int | None) -> list[Pair]:
         y0, x0 = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
         out.append(Pair(inp=p.inp[y0 : y0 + crop, x0 : x0 + crop], gt=p.gt[y0 : y0 + crop, x0 : x0 + crop], name=p.name))
     return out
-
-
-def ceil_to(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)

@@ -1,4 +1,4 @@
-"""Per-image percentile normalisation to [0, 1] and its inverse (SPEC section 5).
+"""Per-image percentile normalisation to [0, 1] and its inverse (docs/training.md).
 
 The networks are trained on images scaled so that the ``low`` and ``high`` percentiles map to 0
 and 1. Inference applies the same scaling and inverts it on the output, so intensities come back
@@ -64,14 +64,3 @@ def denormalise(x: np.ndarray, lo: float, hi: float, dtype: np.dtype | type | No
         return np.clip(np.rint(out), info.min, info.max).astype(target)
     return out.astype(target, copy=False)
 
-
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """Fixed scaling by dtype: uint8 / 255, uint16 / 65535, floats unchanged (as float32).
-
-    Used where a fixed scale is wanted rather than per-image percentiles (e.g. the 8-bit U2OS
-    images, whose published range is 0..255).
-    """
-    arr = np.asarray(image)
-    if np.issubdtype(arr.dtype, np.integer):
-        return arr.astype(np.float32) / np.float32(np.iinfo(arr.dtype).max)
-    return arr.astype(np.float32, copy=False)

@@ -1,4 +1,4 @@
-"""Widefield defocus point-spread functions from physical microscope settings (SPEC section 5).
+"""Widefield defocus point-spread functions from physical microscope settings (docs/training.md).
 
 Two families of models, all normalised to unit sum (the blur keeps the image's flux):
 

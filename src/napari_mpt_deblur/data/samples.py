@@ -44,15 +44,15 @@ def synthetic_defocus_stack(defocus_um: tuple[float, ...] = SYNTHETIC_STACK_DEFO
 
     Each plane is the real in-focus image (scaled by its 0.1/99.9 percentiles) blurred with the
     scalar PSF of a 20x/0.45 NA air objective at that defocus (emission 0.461 um, 0.645 um
-    pixels, SPEC section 8) plus Poisson-Gaussian camera noise (peak 1000 photons, read noise 3),
+    pixels, docs/benchmarks.md) plus Poisson-Gaussian camera noise (peak 1000 photons, read noise 3),
     seeded, so the stack is the same every time. Plane spacing: 4 um.
     """
     from .normalisation import normalise, percentile_range
-    from .psf import PSFParams
+    from .optics import BENCHMARK_OPTICS
     from .synthesis import synthesize_defocus
 
     image, _ = u2os_nuclei()
     sharp = normalise(image, *percentile_range(image))
     rng = np.random.default_rng(seed)
-    planes = [synthesize_defocus(sharp, PSFParams(defocus_um=dz), rng=rng) for dz in defocus_um]
+    planes = [synthesize_defocus(sharp, BENCHMARK_OPTICS.psf_params(dz), rng=rng) for dz in defocus_um]
     return np.stack(planes).astype(np.float32)

@@ -1,7 +1,7 @@
 """Synthetic defocus: PSF blur, Poisson-Gaussian camera noise, and mask-based depth synthesis.
 
 All functions take and return images in [0, 1]-like float units (a sharp image normalised by its
-0.1 / 99.9 percentiles, SPEC section 8). A plain Gaussian blur is never the training degradation:
+0.1 / 99.9 percentiles, docs/benchmarks.md). A plain Gaussian blur is never the training degradation:
 it is only the EFCR reblur (``losses.efcr``).
 """
 

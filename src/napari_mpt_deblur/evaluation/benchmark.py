@@ -1,4 +1,4 @@
-"""Synthetic-defocus benchmark (SPEC section 8): PSNR, SSIM, StarDist AP and speed per method.
+"""Synthetic-defocus benchmark (docs/benchmarks.md): PSNR, SSIM, StarDist AP and speed per method.
 
 For every sharp image and defocus value: normalise the sharp image by its 0.1 / 99.9 percentiles
 to [0, 1], blur it with the realistic widefield PSF (``data.psf``, scalar model, 20x / 0.45 NA air,
@@ -22,9 +22,7 @@ interrupted run keeps what it finished), ``config.json``, ``benchmark.png`` (ima
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import re
 import time
 import zlib
@@ -34,16 +32,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..io.atomic import write_text_atomic, write_with
+from ..data.optics import BENCHMARK_OPTICS, Acquisition, fold_optics
+from ..inference.settings import TileSide
+from ..io.atomic import write_text_atomic
+from ..io.paths import TIFF_SUFFIXES, list_images
 from .compare import rows_to_csv
 from .matching import IOU_CURVE, IOU_THRESHOLDS, MatchingReport, gap_recovered, match_labels, pool_counts
+from .benchmark_report import MIN_AP_GAP, _ap_plot, _image_grid, _write_config, summary_markdown
 
-IMAGE_SUFFIXES = (".tif", ".tiff")
-#: Below this blur-to-sharp mean-AP gap, "gap recovered" is reported as n/a: a ratio of two tiny,
-#: noisy differences says nothing (at 2 um the blur costs StarDist almost nothing).
-MIN_AP_GAP = 0.01
 OUTPUT_FILES = ("summary.md", "summary.csv", "per_image.csv", "config.json", "benchmark.png", "ap_vs_iou.png")
 
 
@@ -52,16 +50,19 @@ class BenchmarkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_optics(cls, data: Any) -> Any:  # config.json files written before ``optics`` existed
+        return fold_optics(data)
+
     sharp_dir: Path
     labels_dir: Path | None = None
     #: File stems to use (``<stem>.tif``); None = every TIFF in ``sharp_dir``.
     names: list[str] | None = None
     max_images: int | None = Field(None, ge=1)
     defocus_um: list[float] = Field(default_factory=lambda: [2.0, 4.0, 8.0, 12.0], min_length=1)
-    na: float = 0.45
-    wavelength_um: float = 0.461
-    pixel_um: float = 0.645
-    immersion_index: float = 1.0
+    #: The microscope the defocus is synthesised for (default: 20x/0.45 air, 0.461 um, 0.645 um).
+    optics: Acquisition = BENCHMARK_OPTICS
     psf_model: Literal["scalar", "vectorial", "gibson_lanni", "pupil"] = "scalar"
     peak_photons: float | None = 1000.0
     read_sigma_photons: float = 3.0
@@ -77,8 +78,9 @@ class BenchmarkConfig(BaseModel):
     stardist: bool = True
     stardist_model: str | None = None
     device: str = "auto"
-    #: Largest tile side for model inference (None: the inference engine's default for the device).
-    tile: int | None = Field(None, ge=16)
+    #: Largest tile side for model inference (None: the inference engine's default for the device);
+    #: the engine's own type, so the benchmark accepts exactly what InferenceSettings does.
+    tile: TileSide | None = None
     figure_crop: int = Field(256, ge=16)
 
     @field_validator("defocus_um")
@@ -231,12 +233,12 @@ def find_images(cfg: BenchmarkConfig) -> list[Path]:
     if cfg.names is not None:
         paths = []
         for n in cfg.names:
-            hits = [folder / f"{n}{s}" for s in IMAGE_SUFFIXES if (folder / f"{n}{s}").is_file()]
+            hits = [folder / f"{n}{s}" for s in TIFF_SUFFIXES if (folder / f"{n}{s}").is_file()]
             if not hits:
                 raise FileNotFoundError(f"image {n!r} not found in {folder} (looked for {n}.tif / {n}.tiff)")
             paths.append(hits[0])
     else:
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        paths = list_images(folder, TIFF_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no TIFF images in {folder}")
     return paths[: cfg.max_images] if cfg.max_images else paths
@@ -263,12 +265,7 @@ def load_image(path: Path, cfg: BenchmarkConfig, labels_dir: Path | None) -> Ben
 
 
 def psf_params(cfg: BenchmarkConfig, defocus_um: float):
-    from ..data.psf import PSFParams
-
-    return PSFParams(
-        na=cfg.na, wavelength_um=cfg.wavelength_um, pixel_um=cfg.pixel_um, immersion_index=cfg.immersion_index,
-        defocus_um=float(defocus_um), model=cfg.psf_model,
-    )
+    return cfg.optics.psf_params(float(defocus_um), model=cfg.psf_model)
 
 
 def noise_rng(seed: int, name: str, defocus_um: float, stream: int = 0) -> np.random.Generator:
@@ -472,143 +469,3 @@ def summarise(
                 "sec_per_mp": (sum(r["seconds"] for r in sel) / mp) if m != "input" and mp else "",
             })
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-
-
-def _write_config(path: Path, cfg: BenchmarkConfig, specs, balances, tune_source, reference, models, stardist_info) -> None:
-    import sys
-
-    from .._version import __version__
-
-    record = {
-        "config": json.loads(cfg.model_dump_json()),
-        "methods": [s.__dict__ for s in specs],
-        "wiener_balance": {str(k): v for k, v in balances.items()},
-        "wiener_tuned_on": tune_source,
-        "matching_reference": reference,
-        "stardist": stardist_info,
-        "models": {k: m.engine.metadata() for k, m in models.items()},
-        "package_version": __version__,
-        "python": sys.version.split()[0],
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
-    }
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
-
-
-def _fmt(v: Any, digits: int) -> str:
-    if v == "" or v is None:
-        return "–"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "∞"
-        if math.isnan(v):
-            return "n/a"
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def summary_markdown(summary, cfg: BenchmarkConfig, specs, balances, tune_source, reference, n_images, models,
-                     stardist_info: dict[str, Any] | None) -> str:
-    with_ap = stardist_info is not None
-    noise = ("no noise" if cfg.peak_photons is None else
-             f"Poisson noise at {cfg.peak_photons:g} photons peak + Gaussian read noise sigma "
-             f"{cfg.read_sigma_photons:g} photons, seed {cfg.seed}")
-    setup = (f"{n_images} images from `{cfg.sharp_dir}`; {cfg.psf_model} PSF, NA {cfg.na}, emission "
-             f"{cfg.wavelength_um} um, pixel {cfg.pixel_um} um, immersion n = {cfg.immersion_index}; {noise}. "
-             f"Sharp images normalised by their {cfg.norm_low}/{cfg.norm_high} percentiles to [0, 1]; "
-             "PSNR and SSIM with data range 1.")
-    lines = ["# Defocus benchmark", "", setup, ""]
-    if with_ap:
-        ap_note = (f"StarDist AP = TP / (TP + FP + FN) at each IoU, counts pooled over images, against {reference}; "
-                   "mean AP = mean of AP at IoU 0.5, 0.7, 0.9 (the MPT paper's Table 6). Gap recovered = "
-                   "(mean AP - input mean AP) / (sharp mean AP - input mean AP); n/a when the blur costs less than "
-                   f"{MIN_AP_GAP} mean AP.")
-        lines += [ap_note, "", f"StarDist: {stardist_info['model']}, thresholds {stardist_info['thresholds']}.", ""]
-    if balances:
-        lines += ["Wiener balance (tuned per defocus on " + tune_source + "): "
-                  + ", ".join(f"{d:g} um: {b:.3g}" for d, b in balances.items()), ""]
-    for s in specs:
-        if s.kind == "model":
-            lines += [f"`{s.key}`: {models[s.key].description}"]
-    if any(s.kind == "model" for s in specs):
-        lines += [""]
-    lines += ["RL and Wiener use the TRUE PSF (an oracle no real user has).", ""]
-    head = ["defocus (um)", "method", "PSNR (dB)", "SSIM"]
-    if with_ap:
-        head += ["AP@0.5", "AP@0.7", "AP@0.9", "mean AP", "gap recovered", "objects"]
-    head += ["s / MP"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in summary:
-        cells = [_fmt(r["defocus_um"], 0) if r["defocus_um"] != "" else "sharp", r["method"], _fmt(r["psnr"], 2), _fmt(r["ssim"], 4)]
-        if with_ap:
-            cells += [_fmt(r.get("ap@0.5", ""), 4), _fmt(r.get("ap@0.7", ""), 4), _fmt(r.get("ap@0.9", ""), 4),
-                      _fmt(r.get("mean_ap", ""), 4), _fmt(r.get("ap_gap_recovered", ""), 2), _fmt(r.get("n_objects", ""), 1)]
-        cells += [_fmt(r["sec_per_mp"], 2)]
-        if r["defocus_um"] != "":
-            cells[0] = f"{r['defocus_um']:g}"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    write_with(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _image_grid(path: Path, tiles: dict, cfg: BenchmarkConfig, methods: Sequence[str], name: str) -> None:
-    """Rows: defocus values; columns: sharp, then each method; a centre crop of the first image."""
-    plt = _pyplot()
-    sharp = tiles[(None, "sharp")]
-    c = min(cfg.figure_crop, *sharp.shape)
-    y0, x0 = (sharp.shape[0] - c) // 2, (sharp.shape[1] - c) // 2
-    crop = (slice(y0, y0 + c), slice(x0, x0 + c))
-    rows, cols = len(cfg.defocus_um), len(methods) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows + 0.4), squeeze=False)
-    for r, d in enumerate(cfg.defocus_um):
-        for col, key in enumerate(["sharp", *methods]):
-            ax = axes[r, col]
-            img = sharp if key == "sharp" else tiles[(d, key)]
-            ax.imshow(img[crop], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(key, fontsize=9)
-            if col == 0:
-                ax.set_ylabel(f"{d:g} um", fontsize=9)
-    fig.suptitle(f"{name}: centre {c} x {c} px crop, display range [0, 1] of the sharp image", fontsize=9)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _ap_plot(path: Path, reports: dict, defocus: Sequence[float], methods: Sequence[str], reference: str) -> None:
-    plt = _pyplot()
-    n = len(defocus)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False, sharey=True)
-    sharp = pool_counts(reports[(None, "sharp")])
-    for ax, d in zip(axes[0], defocus):
-        ax.plot(IOU_CURVE, [sharp.at(t).ap for t in IOU_CURVE], "k--", label="sharp")
-        for m in methods:
-            rep = pool_counts(reports[(d, m)])
-            ax.plot(IOU_CURVE, [rep.at(t).ap for t in IOU_CURVE], marker=".", label=m)
-        ax.set_title(f"defocus {d:g} um", fontsize=10)
-        ax.set_xlabel("IoU threshold")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("StarDist AP = TP / (TP + FP + FN)")
-    axes[0, -1].legend(fontsize=8)
-    fig.suptitle(f"AP vs IoU, against {reference}", fontsize=9)
-    fig.tight_layout()
-    _save_figure(fig, path)

@@ -3,7 +3,7 @@
 What microscopists use today, so our benchmark (and users) can compare with it. Both run by FFT
 on an image that is first **reflect-padded** by half the kernel size: without padding the FFT treats
 the image as periodic and the opposite border bleeds in (skimage's RL without padding loses
-8-14 dB on the benchmark, SPEC section 8). Output is cropped back to the input's shape.
+8-14 dB on the benchmark, docs/benchmarks.md). Output is cropped back to the input's shape.
 
 Images are 2D float arrays in the benchmark's [0, 1]-like units (any leading axes are processed
 plane by plane); the PSF is 2D, odd-sided, and is normalised to unit sum here.

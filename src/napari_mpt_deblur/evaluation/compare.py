@@ -19,20 +19,15 @@ import numpy as np
 
 from ..io.atomic import write_text_atomic
 from ..io.images import read_array
+from ..io.paths import TIFF_SUFFIXES, list_images
 from .matching import IOU_THRESHOLDS, count_objects, match_labels
-
-IMAGE_SUFFIXES = (".tif", ".tiff")
-
 
 def _image_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"no TIFF images in {path}")
-    return files
+    return list_images(path, TIFF_SUFFIXES)
 
 
 def evaluate_images(

@@ -1,4 +1,4 @@
-"""Object counts and instance matching against ground-truth labels (SPEC section 7, the MPT paper's Table 6).
+"""Object counts and instance matching against ground-truth labels (docs/stardist.md, the MPT paper's Table 6).
 
 All matching is done by ``stardist.matching`` (pure numpy/scipy; importing it does not load
 TensorFlow): a predicted and a true object match when their IoU is at least the threshold, with an

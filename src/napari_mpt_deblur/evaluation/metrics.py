@@ -1,4 +1,4 @@
-"""Full-reference image quality metrics (SPEC section 8): PSNR and SSIM in float64.
+"""Full-reference image quality metrics (docs/benchmarks.md): PSNR and SSIM in float64.
 
 Both compare images in the same units (normally [0, 1] after percentile normalisation) with a
 fixed ``data_range``; nothing is clipped, so an output that overshoots is charged for it.

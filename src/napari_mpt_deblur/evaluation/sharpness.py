@@ -1,4 +1,4 @@
-"""No-reference sharpness measures for images without ground truth (SPEC section 8).
+"""No-reference sharpness measures for images without ground truth (docs/benchmarks.md).
 
 All take a 2D array, scale it to [0, 1] by its own 0.1/99.9 percentiles first (so the numbers
 do not depend on the camera's gain or dtype) and return a float where larger means sharper.
@@ -22,7 +22,7 @@ def _unit(image: np.ndarray) -> np.ndarray:
 def normalized_laplacian_variance(image: np.ndarray, sigma: float = 1.0) -> float:
     """Variance of the Laplacian of Gaussian (sigma in pixels) divided by the mean intensity.
 
-    The Gaussian pre-filter keeps camera noise from dominating (SPEC section 5).
+    The Gaussian pre-filter keeps camera noise from dominating (docs/training.md).
     """
     x = _unit(image)
     lap = ndimage.gaussian_laplace(x, sigma=sigma, mode="reflect")

@@ -83,13 +83,12 @@ def _executor() -> ProcessPoolExecutor:
 def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` in the StarDist worker process; blocks until it returns.
 
+    Generic: nothing here knows StarDist (callers check that what ``fn`` needs is installed, as
+    :mod:`.stardist_runner` does, so a missing package is reported before a process is spawned).
     ``fn`` must be importable by name (a module-level function) and its arguments and result
     picklable (numpy arrays are). Exceptions raised by ``fn`` are re-raised here. If the
     worker process dies, a ``RuntimeError`` says so and the next call starts a fresh one.
     """
-    from .stardist_runner import require_stardist
-
-    require_stardist()
     _check_main_guard()
     future = _executor().submit(fn, *args, **kwargs)
     try:

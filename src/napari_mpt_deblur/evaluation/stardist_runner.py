@@ -1,4 +1,4 @@
-"""StarDist2D nuclei segmentation for the before/after comparison (SPEC section 7).
+"""StarDist2D nuclei segmentation for the before/after comparison (docs/stardist.md).
 
 This is the only module of the package that imports TensorFlow (through ``stardist``), and only
 inside functions: importing it is cheap. By default TensorFlow runs in a separate StarDist worker
@@ -266,6 +266,7 @@ def _call(model_in_process: bool, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     from .stardist_process import run_isolated
 
+    require_stardist()  # before spawning: the worker would only fail on import
     return run_isolated(fn, *args)
 
 

@@ -1,12 +1,15 @@
-"""Tiled, blended, lazy inference over planes and stacks (SPEC section 6).
+"""Tiled, blended, lazy inference over planes and stacks (docs/inference.md).
 
 The main entry points are re-exported lazily (so importing this package does not import torch)::
 
     from napari_mpt_deblur.inference import Deblurrer, InferenceSettings, Cancelled
 
-Submodules: :mod:`.engine` (settings, :class:`Deblurrer`), :mod:`.tiling` (tile grid and blending),
-:mod:`.axes` (axes strings), :mod:`.progress` (progress and cancel), :mod:`.distributed`
-(dask.distributed), :mod:`.devices` (device choice).
+Submodules: :mod:`.settings` (what to run with), :mod:`.model_cache` (models loaded once),
+:mod:`.restorer` (one plane: normalise, tile, forward with out-of-memory back-off, blend),
+:mod:`.drivers` (:class:`Deblurrer`: lazy, array, zarr, TIFF, cluster), :mod:`.batching` (the local
+stack pipeline), :mod:`.distributed` (dask.distributed), :mod:`.tiling` (tile grid and blending),
+:mod:`.progress` (progress and cancel), :mod:`.devices` (devices and precision), :mod:`.compiled`
+(``torch.compile``); :mod:`.engine` re-exports the public names.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "Deblurrer": "engine",
-    "InferenceSettings": "engine",
-    "ResolvedSettings": "engine",
+    "Deblurrer": "drivers",
+    "InferenceSettings": "settings",
+    "ResolvedSettings": "settings",
     "Cancelled": "progress",
     "TileProgress": "progress",
     "plan_tiles": "tiling",

@@ -34,7 +34,8 @@ from .progress import TileProgress
 from .tiling import TileGrid, blend_tiles, cut_tiles, plan_tiles
 
 if TYPE_CHECKING:
-    from .engine import Deblurrer, PreparedInput
+    from .drivers import Deblurrer
+    from .restorer import PreparedInput
 
 _DONE = object()
 _POLL_S = 0.1
@@ -124,7 +125,7 @@ def _run_group(engine: Deblurrer, group: list[_Plane], counter: TileProgress, sh
     ``planned``: tiles per plane the progress counter was given for these planes (it is corrected
     when an out-of-memory fallback changed the tiles, so progress still ends at its total).
     """
-    from .engine import TileTooLarge
+    from .restorer import TileTooLarge
 
     live = [p for p in group if p.x is not None]
     results: dict[int, _Restored] = {}

@@ -77,7 +77,7 @@ class CompiledForward:
             self.on_fallback(self.failed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from .engine import is_out_of_memory
+        from .devices import is_out_of_memory
 
         with self._lock:
             if self.failed is not None:

@@ -1,4 +1,5 @@
-"""Device choice and process-level CPU settings for inference."""
+"""Devices and precision for inference and training: device choice and listing, the precision
+rule, out-of-memory detection, and process-level CPU settings."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ctypes
 import os
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -77,3 +79,63 @@ def tune_cpu_allocator() -> bool:
     ok = bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
     _ALLOCATOR_TUNED = ok
     return ok
+
+
+# --------------------------------------------------------------------------------------------
+# Precision: one rule for inference and training
+
+#: What a user may ask for; "auto" is resolved per device by :func:`resolve_precision`.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_precision(requested: str, device: torch.device, *, training: bool = False) -> str:
+    """The concrete precision ("fp32", "fp16" or "bf16") for a run on ``device``.
+
+    One rule for inference and training; they differ only where noted:
+
+    * ``auto``: bf16 on CUDA GPUs that support it. On older CUDA GPUs training uses fp16 (its
+      loss scaler guards against underflow) and inference fp32 (fp16 activations of the
+      transformer may overflow, and nothing would catch it). fp32 on CPU and MPS.
+    * ``fp16``/``bf16`` on CPU: inference warns and runs fp32 (CPU autocast is slower than fp32
+      there); training honours it (CPU bf16 autocast runs, e.g. to test a bf16 run on a laptop).
+    * ``bf16`` on MPS: not supported by MPS autocast; warns and uses fp16.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else ("fp16" if training else "fp32")
+        return "fp32"
+    if requested in ("fp16", "bf16") and device.type == "cpu" and not training:
+        warnings.warn(f"precision {requested} is only used on a GPU; running in fp32 on {device}", RuntimeWarning,
+                      stacklevel=3)
+        return "fp32"
+    if requested == "bf16" and device.type == "mps":
+        warnings.warn("bf16 autocast is not supported on MPS; using fp16", RuntimeWarning, stacklevel=3)
+        return "fp16"
+    return requested
+
+
+def autocast_dtype_for(precision: str) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of a resolved precision; None for fp32 (no autocast)."""
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU allocator failures (``torch.OutOfMemoryError`` or their messages)."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def device_choices() -> list[str]:
+    """Device names a user may pick (widgets, CLI help): ``auto``, ``cpu``, and the CUDA GPUs and
+    MPS this process sees; each is accepted by :func:`select_device`."""
+    choices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        choices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        choices.append("mps")
+    return choices

@@ -1,9 +1,9 @@
-"""Run the engine's per-chunk function on a dask.distributed cluster (SPEC section 6).
+"""Run the engine's per-chunk function on a dask.distributed cluster (docs/inference.md).
 
-The same :class:`~napari_mpt_deblur.inference.engine.PlaneFunction` that ``Deblurrer.deblur``
+The same :class:`~napari_mpt_deblur.inference.restorer.PlaneFunction` that ``Deblurrer.deblur``
 maps over planes is sent to the workers. A :class:`~napari_mpt_deblur.inference.engine.Deblurrer`
 pickles *by reference* (model path + requested settings) and is rebuilt on the worker by
-:func:`~napari_mpt_deblur.inference.engine.engine_for`, which caches it per process: each worker
+:func:`~napari_mpt_deblur.inference.drivers.engine_for`, which caches it per process: each worker
 process reads the model once, however many planes it restores. ``device="auto"`` is resolved on
 the worker, so GPU workers use their GPU.
 
@@ -186,7 +186,7 @@ def pin_gpus(client) -> dict[str, int]:
 
 def worker_model_loads(client) -> dict[str, int]:
     """How many times each worker process has read model weights (one per model and device)."""
-    from .engine import model_load_count
+    from .model_cache import model_load_count
 
     return client.run(model_load_count)
 
@@ -200,7 +200,7 @@ def iter_planes_on_cluster(engine, prep, lohi, counter: TileProgress, should_sto
     advances by whole planes; a cancel request cancels the planes in flight and raises
     :class:`~napari_mpt_deblur.inference.progress.Cancelled`.
     """
-    from .engine import PlaneFunction
+    from .restorer import PlaneFunction
 
     engine.__reduce__()  # fails early, with a clear message, for an in-memory model
     layout = prep.layout

@@ -1,4 +1,4 @@
-"""Y/X tiling with overlap and smooth blending (SPEC section 6).
+"""Y/X tiling with overlap and smooth blending (docs/inference.md).
 
 A plane larger than the tile is cut into overlapping tiles; each tile is restored on its own and
 the results are blended with a weight that tapers over the overlap:

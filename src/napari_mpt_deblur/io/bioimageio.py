@@ -16,7 +16,7 @@ QuPath, BiaPy, bioimageio.core) load without this package:
 The spec has no postprocessing that inverts a data-dependent ``scale_range``, so a bioimage.io
 consumer receives the output **in normalised units**: 0 and 1 are the input's 0.1 and 99.9
 percentiles. ``mpt-deblur predict`` maps back to the input's units (it reads the package as one of
-our models: :func:`import_bioimageio`).
+our models: :func:`import_bioimageio`, in :mod:`napari_mpt_deblur.io.bioimageio_package`).
 
 For the way back, the package carries our own model files as attachments (``<name>.safetensors`` and
 ``<name>.json``): :func:`import_bioimageio` checks their SHA-256 against ``rdf.yaml`` and unpacks them
@@ -29,25 +29,33 @@ needs only PyYAML. No napari or Qt here.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+# The generated architecture file lives in .bioimageio_arch; re-exported here.
+from .bioimageio_arch import ARCH_CALLABLE, ARCH_FILE, _load_architecture, architecture_source  # noqa: F401
+# The reading half (no torch, no bioimageio extra) lives in .bioimageio_package; re-exported here.
+from .bioimageio_package import (  # noqa: F401
+    BioimageioError,
+    _sha256,
+    import_bioimageio,
+    imports_dir,
+    is_bioimageio_package,
+    package_summary,
+)
+
 #: The package's tensor ids.
 INPUT_ID = "raw"
 OUTPUT_ID = "deblurred"
-#: File names inside a package.
-ARCH_FILE = "architecture.py"
-ARCH_CALLABLE = "build_deblur_network"
+#: File names inside a package (and ARCH_FILE, from .bioimageio_arch).
 STATE_DICT_FILE = "weights.pt"
 TORCHSCRIPT_FILE = "weights_torchscript.pt"
 #: Side of the test tensors (a crop of the bundled defocused BBBC006 image), rounded up to the size multiple.
@@ -73,10 +81,6 @@ CITATIONS = (
 )
 
 
-class BioimageioError(ValueError):
-    """A bioimage.io package cannot be written or read (the message says which file and why)."""
-
-
 def _require_spec():
     try:
         import bioimageio.spec  # noqa: F401
@@ -84,80 +88,6 @@ def _require_spec():
         raise BioimageioError(
             "bioimage.io export needs the optional 'bioimageio' extra: pip install 'napari-mpt-deblur[bioimageio]'"
         ) from exc
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# The architecture as one file
-
-
-_MODEL_SOURCES = ("config.py", "layers.py", "h2t_unet.py", "mpt.py")
-_RELATIVE_IMPORT = re.compile(r"^from \.[\w.]* import (\([^)]*\)|[^\n]*)\n", re.MULTILINE)
-_FUTURE = re.compile(r"^from __future__ import annotations\n", re.MULTILINE)
-
-_FACTORY = '''
-
-# ------------------------------------------------------------------------------------------------
-# Entry point for bioimage.io (architecture.callable)
-
-
-def build_deblur_network(config: dict):
-    """The network described by ``config`` (a napari-mpt-deblur architecture config as a dict).
-
-    Input and output: float32 tensors (B, C, H, W) in normalised units (0 and 1 at the input's
-    0.1 / 99.9 percentiles); H and W are padded internally to the size multiple and cropped back.
-    """
-    arch = config.get("arch")
-    if arch == "mpt":
-        return MultiPyramidTransformer(MPTConfig.model_validate(config))
-    if arch == "h2t_unet":
-        return HeadToTailUNet(H2TUNetConfig.model_validate(config))
-    raise ValueError(f"unknown architecture {arch!r}; expected 'mpt' or 'h2t_unet'")
-'''
-
-
-def architecture_source() -> str:
-    """One importable Python file with both networks and :data:`ARCH_CALLABLE` (needs torch, pydantic).
-
-    Built from the package's own model modules (configs, layers, H2T U-Net, MPT) with their
-    relative imports removed, so the architecture in a package is exactly the code that trained it.
-    """
-    from .. import _version, models
-
-    folder = Path(models.__file__).parent
-    parts = [
-        f'"""napari-mpt-deblur {_version.__version__} network architectures (MPT and H2T U-Net), one file for '
-        'bioimage.io.\n\nGenerated from napari_mpt_deblur/models/{' + ",".join(_MODEL_SOURCES) + '}; BSD-3-Clause."""\n\n'
-        "from __future__ import annotations\n"
-    ]
-    for name in _MODEL_SOURCES:
-        text = (folder / name).read_text(encoding="utf-8")
-        text = _FUTURE.sub("", _RELATIVE_IMPORT.sub("", text))
-        # The file must stand alone (torch + pydantic only): no relative or package imports left.
-        if re.search(r"^\s*(from \.|import \.|from napari_mpt_deblur|import napari_mpt_deblur)", text, re.MULTILINE):
-            raise BioimageioError(f"models/{name} imports from the package, which this exporter cannot inline; "
-                                  "update io/bioimageio.py:_MODEL_SOURCES")
-        parts.append(f"\n\n# {'=' * 96}\n# models/{name}\n\n{text}")
-    parts.append(_FACTORY)
-    return "".join(parts)
-
-
-def _load_architecture(source: str) -> Callable[[dict], Any]:
-    """Execute the generated architecture file (our own code, just generated) and return its factory."""
-    import sys
-    import types
-
-    module = types.ModuleType("napari_mpt_deblur_bioimageio_architecture")
-    # pydantic resolves postponed annotations through sys.modules[__module__].
-    sys.modules[module.__name__] = module
-    try:
-        exec(compile(source, ARCH_FILE, "exec"), module.__dict__)
-    finally:
-        sys.modules.pop(module.__name__, None)
-    return module.__dict__[ARCH_CALLABLE]
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,159 +475,6 @@ def run_bioimageio_test(path: str | os.PathLike, *, weight_format: str | None = 
 
     with ValidationContext(perform_io_checks=False):
         return test_description(Path(path), weight_format=weight_format, devices=["cpu"])
-
-
-# --------------------------------------------------------------------------------------------
-# Import
-
-
-def is_bioimageio_package(path: str | os.PathLike) -> bool:
-    """True for a ``.zip`` holding ``rdf.yaml``/``bioimageio.yaml``, such a folder, or such a YAML file."""
-    p = Path(path)
-    if p.is_file() and p.suffix == ".zip":
-        try:
-            with zipfile.ZipFile(p) as zf:
-                return any(n in ("rdf.yaml", "bioimageio.yaml") or n.endswith(".bioimageio.yaml")
-                           for n in zf.namelist())
-        except zipfile.BadZipFile:
-            return False
-    if p.is_dir():
-        return (p / "rdf.yaml").is_file() or (p / "bioimageio.yaml").is_file()
-    return p.is_file() and (p.name in ("rdf.yaml", "bioimageio.yaml") or p.name.endswith(".bioimageio.yaml"))
-
-
-def imports_dir() -> Path:
-    """Where imported packages are unpacked (``MPT_DEBLUR_CACHE_DIR`` overrides the user cache folder)."""
-    from .cache import cache_dir
-
-    return cache_dir("bioimageio")
-
-
-class _Package:
-    """Read access to the files of a package given as a zip, a folder or its YAML file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._zip = None
-        if path.is_file() and path.suffix == ".zip":
-            self._zip = zipfile.ZipFile(path)
-            names = self._zip.namelist()
-            self.rdf_name = next((n for n in ("rdf.yaml", "bioimageio.yaml") if n in names), None) or next(
-                n for n in names if n.endswith(".bioimageio.yaml"))
-            self.root = None
-        else:
-            if path.is_dir():
-                path = next(p for p in (path / "rdf.yaml", path / "bioimageio.yaml") if p.is_file())
-            self.rdf_name = path.name
-            self.root = path.parent
-
-    def read(self, name: str) -> bytes:
-        if Path(name).is_absolute() or ".." in Path(name).parts or "://" in name:
-            raise BioimageioError(f"{self.path}: refers to {name!r} outside the package; only packaged files are read")
-        try:
-            if self._zip is not None:
-                return self._zip.read(name)
-            return (self.root / name).read_bytes()
-        except (KeyError, FileNotFoundError) as exc:
-            raise BioimageioError(f"{self.path}: {name} is missing from the package") from exc
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-
-def _source_name(entry: Any) -> tuple[str, str | None]:
-    if isinstance(entry, dict):
-        return str(entry.get("source", "")), entry.get("sha256")
-    return str(entry), None
-
-
-def import_bioimageio(path: str | os.PathLike) -> Path:
-    """The record path (``.json``) of our model inside a bioimage.io package, unpacked into the cache.
-
-    Only packages written by :func:`export_bioimageio` are accepted: their attachments hold our
-    safetensors + JSON model files, which are checked against the SHA-256 in ``rdf.yaml`` (and the
-    weights against the record's own checksum when the model is loaded). Nothing is unpickled.
-    """
-    import yaml
-
-    from ..models.registry import ModelFileError, read_record
-
-    path = Path(path)
-    if not is_bioimageio_package(path):
-        raise BioimageioError(f"{path}: not a bioimage.io package (no rdf.yaml / bioimageio.yaml)")
-    pkg = _Package(path)
-    try:
-        try:
-            rdf = yaml.safe_load(pkg.read(pkg.rdf_name))
-        except yaml.YAMLError as exc:
-            raise BioimageioError(f"{path}: {pkg.rdf_name} is not valid YAML ({exc})") from exc
-        if not isinstance(rdf, dict) or rdf.get("type") != "model":
-            raise BioimageioError(f"{path}: not a bioimage.io model description")
-        ours = (rdf.get("config") or {}).get("napari_mpt_deblur")
-        if not isinstance(ours, dict) or "record" not in ours or "weights" not in ours:
-            arch = ((rdf.get("weights") or {}).get("pytorch_state_dict") or {}).get("architecture") or {}
-            hint = f" (its architecture: {arch.get('callable', '?')})" if arch else ""
-            raise BioimageioError(
-                f"{path}: a bioimage.io model '{rdf.get('name', '?')}' that was not exported by napari-mpt-deblur"
-                f"{hint}; only packages written by `mpt-deblur export --format bioimageio` (MPT or H2T U-Net, with "
-                "their safetensors attachments) can be loaded, because other weights would have to be unpickled")
-        attachments = {}
-        for entry in rdf.get("attachments") or []:
-            name, sha = _source_name(entry)
-            attachments[name] = sha
-        files = {}
-        for key in ("record", "weights"):
-            name = str(ours[key])
-            if name not in attachments:
-                raise BioimageioError(f"{path}: {name} is not listed among the package's attachments")
-            data = pkg.read(name)
-            if attachments[name] and _sha256(data) != attachments[name]:
-                raise BioimageioError(f"{path}: {name} does not match its SHA-256 in {pkg.rdf_name}; "
-                                      "the package is corrupt or was modified")
-            files[key] = (name, data)
-    finally:
-        pkg.close()
-    record_name, record_bytes = files["record"]
-    weights_name, weights_bytes = files["weights"]
-    if Path(record_name).with_suffix("").name != Path(weights_name).with_suffix("").name:
-        raise BioimageioError(f"{path}: attachments {record_name} and {weights_name} do not belong together")
-    digest = _sha256(record_bytes + weights_bytes)[:16]
-    target = imports_dir() / digest
-    record_path = target / Path(record_name).name
-    if not record_path.is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=_ensure(imports_dir())))
-        try:
-            (tmp / Path(record_name).name).write_bytes(record_bytes)
-            (tmp / Path(weights_name).name).write_bytes(weights_bytes)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process unpacked the same package first
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        read_record(record_path)
-    except ModelFileError as exc:
-        raise BioimageioError(f"{path}: its model record is invalid: {exc}") from exc
-    return record_path
-
-
-def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def package_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """``rdf.yaml`` of a package as a dict (for messages and tests)."""
-    import yaml
-
-    pkg = _Package(Path(path))
-    try:
-        return yaml.safe_load(pkg.read(pkg.rdf_name))
-    finally:
-        pkg.close()
 
 
 __all__ = [

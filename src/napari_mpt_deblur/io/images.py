@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from ..inference.axes import guess_axes, normalise_axes
+from .axes import guess_axes, normalise_axes
 from .atomic import write_with
+from .paths import TIFF_SUFFIXES, ImageReadError, check_output, check_writable, output_format  # noqa: F401 (re-exported)
 
-TIFF_SUFFIXES = (".tif", ".tiff")
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 #: Attribute key of this package's provenance/status record in zarr outputs.
 STATUS_KEY = "mpt_deblur"
@@ -46,6 +46,13 @@ class ImageSource:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def run_record(self) -> Any:
+        """The :class:`~napari_mpt_deblur.io.run_record.RunRecord` of an mpt-deblur output, else None."""
+        from .run_record import RunRecord
+
+        return RunRecord.from_metadata(self.metadata.get(STATUS_KEY))
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape)
 
@@ -57,39 +64,6 @@ class ImageSource:
 def is_zarr_path(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.suffix.lower() == ".zarr" or (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS))
-
-
-def output_format(path: str | os.PathLike) -> str:
-    """``"tiff"`` or ``"zarr"`` from an output path's suffix; ValueError otherwise."""
-    suffix = Path(path).suffix.lower()
-    if suffix in TIFF_SUFFIXES:
-        return "tiff"
-    if suffix == ".zarr":
-        return "zarr"
-    raise ValueError(f"unsupported output {path}: use a .tif/.tiff file or a .zarr store")
-
-
-def check_output(out: str | os.PathLike, *, overwrite: bool, input_path: str | os.PathLike | None = None) -> None:
-    """Refuse to write over an existing output (unless ``overwrite``) or over the input itself."""
-    out = Path(out)
-    if input_path is not None and out.resolve() == Path(input_path).resolve():
-        raise ValueError(f"output {out} is the input file; choose another output path")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; choose another path or pass overwrite (--overwrite)")
-    check_writable(out)
-
-
-def check_writable(out: str | os.PathLike) -> None:
-    """Fail early, naming ``out``, when it cannot be created: a parent is a file, or the nearest
-    existing folder is not writable (the write itself would fail only after all the work)."""
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise NotADirectoryError(f"cannot write {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {out}: no permission to create files in {parent}")
 
 
 def _remove_existing(out: Path) -> None:
@@ -106,10 +80,6 @@ def _remove_existing(out: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Reading
-
-
-class ImageReadError(ValueError):
-    """An image file could not be read or is not a usable image (the message names it)."""
 
 
 def read_array(path: str | os.PathLike) -> np.ndarray:
@@ -286,8 +256,11 @@ def _check_tiff_complete(tif: Any, path: Path, logged: list[str]) -> None:
             raise _corrupt(path, None, [f"image data runs to byte {max(ends)} but the file has {size} bytes"])
 
 
-def _read_tiff(path: Path) -> ImageSource:
-    import dask.array as da
+@contextlib.contextmanager
+def open_checked_tiff(path: Path) -> Iterator[Any]:
+    """An open ``tifffile.TiffFile`` whose pages were checked to be complete; an unreadable,
+    truncated or corrupt file raises :class:`ImageReadError` naming it (tifffile's own log lines
+    go into the message instead of the console)."""
     import tifffile
 
     with _quiet_tifffile() as logged:
@@ -297,18 +270,26 @@ def _read_tiff(path: Path) -> ImageSource:
             raise _corrupt(path, exc, logged) from exc
         with tif:
             _check_tiff_complete(tif, path, logged)
-            series = tif.series[0]
-            shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
-            if len(set(axes)) != len(axes) or (len(axes) > 3 and "Q" in axes):
-                # tifffile's placeholder letters (e.g. "QQYX" for a 4D file without axis names) are
-                # no information: leave the axes unknown so the user is asked for --axes.
-                axes = ""
-            page_shape = tuple(series.keyframe.shape)
-            n_pages = len(series.pages)
-            meta: dict[str, Any] = {}
-            if tif.shaped_metadata:
-                meta = dict(tif.shaped_metadata[0])
-            compression = str(series.keyframe.compression.name) if hasattr(series.keyframe.compression, "name") else ""
+            yield tif
+
+
+def _read_tiff(path: Path) -> ImageSource:
+    import dask.array as da
+    import tifffile
+
+    with open_checked_tiff(path) as tif:
+        series = tif.series[0]
+        shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+        if len(set(axes)) != len(axes) or (len(axes) > 3 and "Q" in axes):
+            # tifffile's placeholder letters (e.g. "QQYX" for a 4D file without axis names) are
+            # no information: leave the axes unknown so the user is asked for --axes.
+            axes = ""
+        page_shape = tuple(series.keyframe.shape)
+        n_pages = len(series.pages)
+        meta: dict[str, Any] = {}
+        if tif.shaped_metadata:
+            meta = dict(tif.shaped_metadata[0])
+        compression = str(series.keyframe.compression.name) if hasattr(series.keyframe.compression, "name") else ""
     if 0 in shape:
         raise ValueError(f"{path}: the image is empty (shape {shape})")
     page_ndim = len(page_shape)
@@ -397,12 +378,14 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_tiff_pages(out: str | os.PathLike, pages: Iterable[np.ndarray], *, shape: tuple[int, ...], dtype: Any,
-                     axes: str, metadata: dict[str, Any], rgb: bool = False, compression: str | None = "zlib") -> None:
+                     axes: str, metadata: dict[str, Any], rgb: bool = False, compression: str | None = "zlib",
+                     final_metadata: Any = None) -> None:
     """Write planes (each (Y, X), or (Y, X, S) for RGB) as TIFF pages, atomically.
 
     ``metadata`` is stored under ``"mpt_deblur"`` in the JSON ImageDescription next to ``"axes"``;
-    read it back with ``tifffile.TiffFile(out).shaped_metadata[0]``. If ``pages`` raises, the
-    partial file is removed and the exception propagates.
+    read it back with ``tifffile.TiffFile(out).shaped_metadata[0]``. ``final_metadata()``, if
+    given, replaces it once every page is written. If ``pages`` raises, the partial file is
+    removed and the exception propagates.
     """
     import tifffile
 
@@ -414,6 +397,10 @@ def write_tiff_pages(out: str | os.PathLike, pages: Iterable[np.ndarray], *, sha
         tifffile.imwrite(tmp, iter(pages), shape=shape, dtype=dtype, photometric="rgb" if rgb else "minisblack",
                          planarconfig="contig" if rgb else None, metadata=meta, compression=compression,
                          bigtiff=nbytes > 2**32 - 2**25)
+        if final_metadata is not None:
+            from .run_record import rewrite_tiff_record
+
+            rewrite_tiff_record(tmp, STATUS_KEY, json_safe(final_metadata()))
 
     write_with(out, writer)
 
@@ -473,7 +460,7 @@ class ZarrOutput:
     def finish(self, final_metadata: dict[str, Any] | None = None) -> None:
         """Write OME-Zarr multiscales metadata (when the axes allow it) and flip ``complete`` to True."""
         if final_metadata:
-            for key in ("fallbacks", "tile_in_use"):
+            for key in ("fallbacks", "tile_in_use", "settings_in_use", "seconds"):
                 if key in final_metadata:
                     self.status[key] = json_safe(final_metadata[key])
         self.status["ome"] = _write_ome_metadata(self.group, self.status["axes"], self.array.ndim, self.scale)

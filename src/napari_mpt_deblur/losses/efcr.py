@@ -1,4 +1,4 @@
-"""Extended Frequency Contrastive Regularization (EFCR, EFCRex) with real gradients (SPEC section 4).
+"""Extended Frequency Contrastive Regularization (EFCR, EFCRex) with real gradients (docs/training.md).
 
 Notation (per sample i, all distances are mean absolute differences):
 

@@ -1,4 +1,4 @@
-"""Multi-scale L1 loss of the head-to-tail U-Net (SPEC section 3, H2T paper eq. 6)."""
+"""Multi-scale L1 loss of the head-to-tail U-Net (docs/models.md, H2T paper eq. 6)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,5 @@ this package's ``__init__`` stays free of torch so that ``import napari_mpt_debl
 """
 
 #: The shipped model offered first (demo, napari widgets): the one that measured best in
-#: docs/models.md. The CPU-trained H2T U-Net beats the CPU-trained MPT for now; a GPU-trained
-#: MPT is expected to take its place.
+#: docs/models.md (the CPU-trained H2T U-Net beats the CPU-trained MPT there).
 RECOMMENDED_MODEL = "h2t-unet-fluo"

@@ -21,7 +21,7 @@ class _Strict(BaseModel):
 
 
 class MPTConfig(_Strict):
-    """Multi-Pyramid Transformer (SPEC section 2).
+    """Multi-Pyramid Transformer (docs/models.md).
 
     ``scales[i]`` lists the CSWA scale of every sub-block of the pyramid block at level ``i + 1``
     (encoder and decoder of a level share the list); its length is that block's number of
@@ -95,7 +95,7 @@ class MPTConfig(_Strict):
 
 
 class H2TUNetConfig(_Strict):
-    """Head-to-tail multi-scale U-Net (SPEC section 3).
+    """Head-to-tail multi-scale U-Net (docs/models.md).
 
     ``num_scales`` (K) U-Nets run on the blurred input at scales ``1/2**(K-1) ... 1``; the encoder of
     each finer U-Net is fused with the decoder of the next coarser one (``fusion``).

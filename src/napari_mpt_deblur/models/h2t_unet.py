@@ -1,4 +1,4 @@
-"""Head-to-tail cross-scale fusion U-Net (Wang and Han, ICIP 2022), SPEC section 3.
+"""Head-to-tail cross-scale fusion U-Net (Wang and Han, ICIP 2022), docs/models.md.
 
 K U-Nets run on the blurred image at scales 1/2**(K-1) ... 1. The encoder features of each finer
 U-Net are fused, level by level, with the decoder features of the next coarser one (upsampled

@@ -1,4 +1,4 @@
-"""Multi-Pyramid Transformer (Zhang et al., CVPR 2024), as specified in SPEC section 2.
+"""Multi-Pyramid Transformer (Zhang et al., CVPR 2024), as specified in docs/models.md.
 
 Differences from the authors' public code, on purpose:
 

@@ -8,7 +8,6 @@ provenance, SHA-256 of the weights). Nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import warnings
@@ -17,40 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from .._version import __version__
 from ..data.normalisation import NormalisationConfig
+from ..data.optics import Acquisition
 from ..io.atomic import write_bytes_atomic, write_text_atomic
 from . import RECOMMENDED_MODEL
-from .config import ArchConfig, H2TUNetConfig, MPTConfig
+from .config import H2TUNetConfig, MPTConfig
+# The record and its reader live in .record (torch-free); re-exported here for existing imports.
+from .record import FORMAT_VERSION, ModelFileError, ModelRecord, model_paths, read_record  # noqa: F401
 
-FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "weights"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelFileError(ValueError):
-    """A model file is missing, corrupt, or does not match its configuration."""
-
-
-class ModelRecord(BaseModel):
-    """Everything about a saved model except its weights (the ``.json`` beside them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: int = FORMAT_VERSION
-    name: str
-    description: str = ""
-    architecture: ArchConfig
-    normalisation: NormalisationConfig = Field(default_factory=NormalisationConfig)
-    package_version: str = __version__
-    weights_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    weights_sha256: str = ""
-    trained: bool = True
-    #: Provenance: data, settings, steps, hardware, wall time, validation metrics.
-    training: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass
@@ -71,14 +48,6 @@ def build_model(config: MPTConfig | H2TUNetConfig) -> nn.Module:
 
         return HeadToTailUNet(config)
     raise TypeError(f"not an architecture config: {type(config).__name__}")
-
-
-def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights, record) paths for a model given by its ``.safetensors``, ``.json`` or stem."""
-    path = Path(path)
-    if path.suffix in (".safetensors", ".json"):
-        path = path.with_suffix("")
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
 
 
 def _state_bytes(model: nn.Module, dtype: str) -> bytes:
@@ -102,6 +71,7 @@ def save_model(
     training: dict[str, Any] | None = None,
     trained: bool = True,
     dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    optics: Acquisition | None = None,
 ) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; return the JSON path.
 
@@ -122,30 +92,11 @@ def save_model(
         weights_sha256=hashlib.sha256(data).hexdigest(),
         trained=trained,
         training=training or {},
+        optics=optics,
     )
     write_bytes_atomic(weights_path, data)
     write_text_atomic(record_path, record.model_dump_json(indent=2) + "\n")
     return record_path
-
-
-def read_record(path: str | os.PathLike) -> ModelRecord:
-    """Read and validate the JSON record of a model; errors name the file and the field."""
-    _, record_path = model_paths(path)
-    if not record_path.is_file():
-        raise ModelFileError(f"model record not found: {record_path}")
-    try:
-        raw = json.loads(record_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{record_path}: not valid JSON ({exc})") from exc
-    if isinstance(raw, dict) and raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{record_path}: format version {raw['format_version']} is newer than this package "
-            f"understands ({FORMAT_VERSION}); upgrade napari-mpt-deblur"
-        )
-    try:
-        return ModelRecord.model_validate(raw)
-    except ValidationError as exc:
-        raise ModelFileError(f"{record_path}: invalid model record:\n{exc}") from exc
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
@@ -329,7 +280,7 @@ def shadowed_models() -> list[tuple[str, Path]]:
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A model record path from a PATH (``.json``, ``.safetensors`` or stem), a model NAME, or a
     bioimage.io package written by ``mpt-deblur export --format bioimageio`` (``.zip``, folder or
-    ``rdf.yaml``; unpacked into a cache folder, see :func:`napari_mpt_deblur.io.bioimageio.import_bioimageio`).
+    ``rdf.yaml``; unpacked into a cache folder, see :func:`napari_mpt_deblur.io.bioimageio_package.import_bioimageio`).
 
     Precedence, the same for ``--model``, the widgets and :func:`load_model`:
 
@@ -347,8 +298,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     candidate = Path(text).expanduser()
     if candidate.suffix.lower() in (".zip", ".yaml") or candidate.is_dir():
         # A bioimage.io package (zip, folder or rdf.yaml) written by our exporter: its attached
-        # model files are checked and unpacked into a cache folder (nothing unpickled; io.bioimageio).
-        from ..io.bioimageio import BioimageioError, import_bioimageio, is_bioimageio_package
+        # model files are checked and unpacked into a cache folder (nothing unpickled; io.bioimageio_package).
+        from ..io.bioimageio_package import BioimageioError, import_bioimageio, is_bioimageio_package
 
         if is_bioimageio_package(candidate):
             try:

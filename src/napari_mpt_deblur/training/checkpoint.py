@@ -198,5 +198,5 @@ def export_checkpoint(
     return save_model(
         loaded.model, out, name=name or record.name,
         description=description or record.description,
-        normalisation=record.normalisation, training=training, trained=True, dtype=dtype,
+        normalisation=record.normalisation, training=training, trained=True, dtype=dtype, optics=record.optics,
     )

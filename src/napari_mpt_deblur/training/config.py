@@ -14,7 +14,20 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..data.datasets import PatchConfig
-from ..data.synthesis import DefocusRange
+# The data sources live in data.sources (so data/ never imports training/); re-exported here.
+from ..data.sources import (  # noqa: F401
+    ArraysSource,
+    ArraysValidation,
+    PairedFolderSource,
+    PairedSource,
+    PairedValidation,
+    PlaneFolderSource,
+    SplitName,
+    SyntheticSource,
+    SyntheticValidation,
+    UnlabeledSource,
+    ZStackSource,
+)
 from ..losses.efcr import EFCRConfig
 from ..models.config import ArchConfig
 
@@ -23,107 +36,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# --------------------------------------------------------------------------------------------
-# Data sources
-
-
-SplitName = Literal["u2os_train", "u2os_train_and_val", "u2os_test", "dsb_fluo_train", "dsb_fluo_test",
-                    "dsb_rgb_train", "dsb_rgb_test"]
-
-
-class SyntheticSource(_Strict):
-    """Synthetic defocus pairs made on the fly from a folder of sharp images."""
-
-    kind: Literal["synthetic"] = "synthetic"
-    sharp: Path
-    #: Only these file stems, or one of the project's named splits (``data.splits``): ``u2os_train``,
-    #: ``u2os_train_and_val``, ``u2os_test``, ``dsb_fluo_train`` / ``_test`` (dsb2018_extra/fluorescence,
-    #: 10% held out), ``dsb_rgb_train`` / ``_test`` (dsb2018_extra/histology_rgb).
-    names: list[str] | SplitName | None = None
-    exclude: list[str] = Field(default_factory=list, description="skip files whose stem contains any of these")
-    labels: Path | None = Field(None, description="folder of label images (same names) for per-object depth")
-    per_object_prob: float = Field(0.0, ge=0, le=1, description="share of samples with per-object defocus")
-    defocus: DefocusRange = Field(default_factory=DefocusRange)
-
-
-class PairedFolderSource(_Strict):
-    """Blurred and sharp folders with matching file names."""
-
-    kind: Literal["paired_folders"] = "paired_folders"
-    blurred: Path
-    sharp: Path
-    match: str | None = Field(None, description="regex whose first group is the matching key (default: file stem)")
-    exclude: list[str] = Field(default_factory=list)
-
-
-class PlaneFolderSource(_Strict):
-    """BBBC006-style plane folders ``z_00 ... z_32``: each plane vs the in-focus one."""
-
-    kind: Literal["plane_folders"] = "plane_folders"
-    root: Path
-    in_focus: int = 16
-    planes: list[int] | None = None
-    match: str | None = None
-    exclude: list[str] = Field(default_factory=list)
-
-
-class ZStackSource(_Strict):
-    """One z-stack file: each plane vs the best-focus plane (found by LoG variance if not given)."""
-
-    kind: Literal["zstack"] = "zstack"
-    path: Path
-    focus_plane: int | None = None
-    max_distance: int | None = Field(None, ge=1)
-
-
-class UnlabeledSource(_Strict):
-    """Unlabeled (blurry) images for EFCRex."""
-
-    kind: Literal["unlabeled"] = "unlabeled"
-    folder: Path
-    names: list[str] | None = None
-    exclude: list[str] = Field(default_factory=list)
-
-
-class ArraysSource(_Strict):
-    """Images handed over in memory (fine-tuning from napari layers); recorded for provenance.
-    A config file cannot load them: pass the data to ``Trainer(train_data=..., extra_data=...)``."""
-
-    kind: Literal["arrays"] = "arrays"
-    description: str = ""
-    count: int = Field(0, ge=0)
-
-
-PairedSource = Annotated[
-    SyntheticSource | PairedFolderSource | PlaneFolderSource | ZStackSource | ArraysSource,
-    Field(discriminator="kind"),
-]
-
-
-class SyntheticValidation(_Strict):
-    """Fixed synthetic validation pairs with the benchmark's settings (SPEC section 8)."""
-
-    kind: Literal["synthetic"] = "synthetic"
-    sharp: Path
-    names: list[str] | SplitName | None = None
-    max_images: int | None = Field(4, ge=1)
-    defocus_um: list[float] = Field(default_factory=lambda: [4.0, 8.0])
-    na: float = 0.45
-    wavelength_um: float = 0.461
-    pixel_um: float = 0.645
-    psf_model: Literal["scalar", "vectorial", "gibson_lanni", "pupil"] = "scalar"
-    peak_photons: float | None = 1000.0
-    read_sigma_photons: float = 3.0
-
-
-class PairedValidation(_Strict):
-    kind: Literal["paired"] = "paired"
-    source: PairedSource
-    max_images: int | None = Field(8, ge=1)
-
-
 class ValidationConfig(_Strict):
-    data: Annotated[SyntheticValidation | PairedValidation, Field(discriminator="kind")]
+    data: Annotated[SyntheticValidation | PairedValidation | ArraysValidation, Field(discriminator="kind")]
     every: int = Field(250, ge=1, description="validate every N steps (and at the end)")
     crop: int | None = Field(256, ge=16, description="centre crop of each validation image (None = whole)")
 
@@ -148,7 +62,8 @@ class ModelChoice(_Strict):
 
 
 class OptimConfig(_Strict):
-    """AdamW with a cosine learning-rate schedule (SPEC section 4)."""
+    """AdamW with an optional linear warm-up, then a cosine learning-rate schedule from ``lr`` to
+    ``lr_min`` at the last step (docs/training.md, "Optimiser")."""
 
     lr: float = Field(1e-4, gt=0)
     lr_min: float = Field(1e-6, ge=0)

@@ -5,7 +5,7 @@ sharp images (default: the bundled real in-focus BBBC006 image), or of patches o
 (blurred, sharp) examples given as ``paired``, and an UNLABELED batch of patches
 from the user's blurry images. The loss is the pixel L1 on the labeled batch plus
 ``beta * mean_i(L+_i / (L-_i + L_ext'_i))``: ``L+`` / ``L-`` from the labeled batch, ``L_ext'``
-from the unlabeled one (SPEC section 4), so the unlabeled images steer the network through the
+from the unlabeled one (docs/training.md), so the unlabeled images steer the network through the
 extended contrastive term. Everything stays in memory; :meth:`FineTuner.save` writes the result
 through the model registry with its provenance.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,7 @@ from ..data.normalisation import NormalisationConfig
 from ..data.synthesis import DefocusRange
 from ..losses.efcr import EFCRConfig
 from .config import ArraysSource, OptimConfig, TrainConfig
-from .trainer import StepRecord, Trainer
+from .trainer import StepRecord, Trainer, TrainerJob
 
 #: Default weight of the contrastive term when fine-tuning (docs/training.md: with the paper's
 #: 1e-5 the unlabeled images have almost no influence on the weights).
@@ -107,7 +107,7 @@ def _check_patch(patch: int, shapes: Sequence[tuple[int, ...]], asked: int) -> N
                       "padded by mirroring", UserWarning, stacklevel=3)
 
 
-class FineTuner:
+class FineTuner(TrainerJob):
     """An in-memory EFCRex fine-tuning run on a COPY of ``model`` (the original is untouched)."""
 
     def __init__(
@@ -186,21 +186,9 @@ class FineTuner:
         )
         self.unlabeled_shapes = [tuple(im.shape) for im in unlabeled]
 
-    @property
-    def model(self) -> nn.Module:
-        return self.trainer.net
-
-    def steps(self) -> Iterator[StepRecord]:
-        return self.trainer.steps()
-
-    def stop(self) -> None:
-        self.trainer.stop()
-
     def run(self, callback: Callable[[StepRecord], Any] | None = None,
             should_stop: Callable[[], bool] | None = None) -> FinetuneResult:
-        for record in self.steps():
-            if (callback is not None and callback(record) is False) or (should_stop is not None and should_stop()):
-                self.stop()
+        self.trainer.drive(callback, should_stop)
         self.model.eval()
         return FinetuneResult(self.model, self.trainer.step, self.trainer.stopped, self.trainer.history)
 
@@ -229,22 +217,15 @@ def finetune(
     unlabeled_images: Sequence[np.ndarray],
     sharp_images: Sequence[np.ndarray] | None = None,
     *,
-    paired: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-    steps: int = 500,
-    lr: float = 5e-5,
-    batch: int = 4,
-    patch: int = 128,
-    beta: float = FINETUNE_BETA,
-    device: str = "auto",
-    seed: int = 0,
     callback: Callable[[StepRecord], Any] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    **settings: Any,
 ) -> FinetuneResult:
-    """Fine-tune a copy of ``model`` with EFCRex on ``unlabeled_images``; see :class:`FineTuner`.
+    """Fine-tune a copy of ``model`` with EFCRex on ``unlabeled_images``: ``settings`` are the
+    keyword settings of :class:`FineTuner` (``steps``, ``lr``, ``batch``, ``patch``, ``beta``,
+    ``paired``, ``device``, ``seed``...), declared there only.
 
     ``callback(record)`` runs after every step (return False to stop); ``should_stop()`` is polled
     after every step too (e.g. a Stop button's flag). The returned model is in eval mode.
     """
-    tuner = FineTuner(model, unlabeled_images, sharp_images, paired=paired, steps=steps, lr=lr, batch=batch, patch=patch,
-                      beta=beta, device=device, seed=seed)
-    return tuner.run(callback, should_stop)
+    return FineTuner(model, unlabeled_images, sharp_images, **settings).run(callback, should_stop)

@@ -77,7 +77,7 @@ def _blocks(net: nn.Module) -> list[nn.Module]:
 def _objective_forward(net: nn.Module, batch: int, patch: int, efcr, device: torch.device,
                        counter: _SavedBytes | None) -> torch.Tensor:
     from ..losses.efcr import EFCRObjective
-    from .trainer import ScalesModule
+    from .network import ScalesModule
 
     channels = net.config.in_channels
     g = torch.Generator().manual_seed(0)
@@ -187,7 +187,7 @@ def _cuda_peak_per_sample(net, patch, efcr, device, checkpointing, batch) -> int
 def estimate_config(config) -> list[MemoryEstimate]:
     """Both settings (without and with checkpointing) for a training config's model and patch:
     counted on the meta device (shapes only), plus the allocator's peak when training on CUDA."""
-    from .trainer import build_network
+    from .network import build_network
 
     net, _ = build_network(config)
     cuda = str(config.device).startswith(("cuda", "auto")) and torch.cuda.is_available()

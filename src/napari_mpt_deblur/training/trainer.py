@@ -17,12 +17,7 @@ exactly (bit for bit on the CPU).
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,250 +28,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._version import __version__
 from ..data import datasets as D
-from ..data.normalisation import NormalisationConfig, denormalise, normalise, percentile_range
-from ..evaluation.metrics import psnr, ssim
+# Dataset building from the config's sources lives in data.builders; re-exported here.
+from ..data.builders import (  # noqa: F401
+    MixedDataset,
+    build_paired_dataset,
+    build_unlabeled_dataset,
+    build_validation_pairs,
+    load_source_pairs,
+)
 from ..io.atomic import write_text_atomic
 from ..losses.efcr import EFCRObjective
 from . import checkpoint as C
-from .config import (
-    ArraysSource,
-    PairedFolderSource,
-    PairedValidation,
-    PlaneFolderSource,
-    SyntheticSource,
-    SyntheticValidation,
-    TrainConfig,
-    UnlabeledSource,
-    ZStackSource,
-    config_json,
+from .config import TrainConfig, config_json
+# Pieces of the trainer that live in their own modules; re-exported here for existing imports.
+from .network import (  # noqa: F401
+    HEAD_INIT_SCALE,
+    ScalesModule,
+    autocast_dtype,
+    build_network,
+    check_patch_size,
+    evaluate_pairs,
+    lr_at,
 )
+from .parallel import DistInfo, _StepBatches, dist_from_env, init_distributed, resolve_workers  # noqa: F401
+from .run_files import LOG_COLUMNS, VAL_COLUMNS, RunFiles  # noqa: F401
 
 #: Time-budgeted runs measure this many steps before laying the schedule over the budget.
 CALIBRATION_STEPS = 5
-LOG_COLUMNS = ("step", "lr", "loss", "pixel", "cr", "l_pos", "l_neg", "l_ext", "grad_norm", "seconds", "patches_per_s")
-VAL_COLUMNS = ("step", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed setup
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def dist_from_env() -> DistInfo:
-    """Rank and world size as ``torchrun`` sets them (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return DistInfo(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def init_distributed(info: DistInfo, device: torch.device) -> None:
-    import torch.distributed as dist
-
-    if info.active and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world)
-
-
-# --------------------------------------------------------------------------------------------
-# Data from the config
-
-
-class MixedDataset:
-    """Several datasets drawn from uniformly at random, per sample index (deterministic)."""
-
-    def __init__(self, datasets: Sequence[Any], seed: int) -> None:
-        self.datasets = list(datasets)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return sum(len(d) for d in self.datasets)
-
-    def __getitem__(self, index: int) -> dict:
-        if len(self.datasets) == 1:
-            return self.datasets[0][index]
-        k = int(np.random.default_rng([self.seed, index, 3]).integers(len(self.datasets)))
-        return self.datasets[k][index]
-
-
-def _names(value, folder):
-    """A named split (see ``data.splits.split_names``) as file stems of ``folder``, or the list given."""
-    if not isinstance(value, str):
-        return value
-    from ..data.splits import split_names
-
-    return split_names(value, [p.stem for p in D.list_images(folder)])
-
-
-def _in_memory_error(src) -> ValueError:
-    return ValueError(f"data source of kind 'arrays' ({src.description or 'in-memory images'}) cannot be loaded "
-                      "from a config; pass the data to Trainer(train_data=..., extra_data=...)")
-
-
-def load_source_pairs(src) -> list[D.Pair]:
-    if isinstance(src, PairedFolderSource):
-        return D.load_folder_pairs(src.blurred, src.sharp, src.match, src.exclude)
-    if isinstance(src, PlaneFolderSource):
-        return D.load_plane_pairs(src.root, src.in_focus, src.planes, src.match, src.exclude)
-    if isinstance(src, ZStackSource):
-        return D.load_zstack_pairs(src.path, src.focus_plane, src.max_distance)[0]
-    if isinstance(src, ArraysSource):
-        raise _in_memory_error(src)
-    raise TypeError(f"not a paired source: {type(src).__name__}")
-
-
-def build_paired_dataset(sources: Sequence[Any], config: TrainConfig, seed: int) -> MixedDataset:
-    parts = []
-    for src in sources:
-        if isinstance(src, SyntheticSource):
-            images, names = D.load_images(src.sharp, _names(src.names, src.sharp), src.exclude)
-            labels = None
-            if src.labels is not None:
-                labels, _ = D.load_images(src.labels, names)
-                labels = [np.asarray(l).astype(np.int64) for l in labels]
-            parts.append(D.SyntheticPatches(images, config.patch, src.defocus, seed=seed, labels=labels,
-                                            per_object_prob=src.per_object_prob, names=names))
-        else:
-            parts.append(D.PairedPatches(load_source_pairs(src), config.patch, seed=seed))
-    return MixedDataset(parts, seed)
-
-
-def build_unlabeled_dataset(sources: Sequence[UnlabeledSource], config: TrainConfig, seed: int) -> D.UnlabeledPatches:
-    images: list[np.ndarray] = []
-    for src in sources:
-        if isinstance(src, ArraysSource):
-            raise _in_memory_error(src)
-        images += D.load_images(src.folder, src.names, src.exclude)[0]
-    return D.UnlabeledPatches(images, config.patch, seed=seed)
-
-
-def build_validation_pairs(config: TrainConfig) -> list[D.Pair]:
-    val = config.validation
-    if val is None:
-        return []
-    data = val.data
-    if isinstance(data, SyntheticValidation):
-        images, names = D.load_images(data.sharp, _names(data.names, data.sharp))
-        if data.max_images is not None:
-            images, names = images[: data.max_images], names[: data.max_images]
-        return D.synthetic_validation_pairs(
-            images, names, data.defocus_um, data.psf_model, data.na, data.wavelength_um, data.pixel_um,
-            data.peak_photons, data.read_sigma_photons, crop=val.crop, seed=config.seed,
-        )
-    assert isinstance(data, PairedValidation)
-    pairs = load_source_pairs(data.source) if not isinstance(data.source, SyntheticSource) else []
-    if data.max_images is not None:
-        pairs = pairs[: data.max_images]
-    return D.crop_pairs(pairs, val.crop)
-
-
-# --------------------------------------------------------------------------------------------
-# Model helpers
-
-
-class ScalesModule(nn.Module):
-    """Wraps a network so that ``forward`` returns its list of outputs (coarsest first, full scale
-    last): the H2T U-Net's ``forward_scales`` for its multi-scale loss, ``[net(x)]`` otherwise.
-    DistributedDataParallel wraps this module, so every call goes through its ``forward``."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.multiscale = hasattr(net, "forward_scales") and getattr(net.config, "num_scales", 1) > 1
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.net.forward_scales(x) if self.multiscale else [self.net(x)]
-
-
-def build_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """The network to train and where its weights came from."""
-    from ..models.config import preset_config
-    from ..models.registry import build_model, load_model
-
-    choice = config.model
-    if choice.init is not None:
-        loaded = load_model(choice.init, "cpu")
-        return loaded.model.train(), {"init": str(loaded.path), "init_name": loaded.record.name}
-    arch = choice.architecture or preset_config(choice.arch, choice.preset, choice.in_channels)
-    torch.manual_seed(config.seed)
-    net = build_model(arch)
-    head = getattr(net, "head", None)
-    zero = bool(choice.zero_init_head and getattr(arch, "global_residual", False) and isinstance(head, nn.Conv2d))
-    if zero:
-        # Not exactly zero: an exact identity makes EFCR's L- and L_ext exactly 0, and the first
-        # step's contrastive ratio then divides by eps (a loss ~20x the real one). A head 1000x
-        # smaller than its default init keeps the untrained net within ~1e-3 of the identity.
-        with torch.no_grad():
-            head.weight.mul_(HEAD_INIT_SCALE)
-    return net, {"init": "random", "init_seed": config.seed, "zero_init_head": zero,
-                 "head_init_scale": HEAD_INIT_SCALE if zero else None}
-
-
-#: Scale of the MPT's output conv at a "zero" init (see build_network).
-HEAD_INIT_SCALE = 1e-3
-
-
-def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
-    """Linear warm-up, then cosine from ``lr`` to ``lr_min`` over the remaining steps (step 0-based).
-
-    ``total_steps`` replaces ``config.steps`` (a time-budgeted run's planned steps)."""
-    o = config.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    total = config.steps if total_steps is None else total_steps
-    span = max(total - o.warmup_steps - 1, 1)  # the last step runs at lr_min
-    t = min(max(step - o.warmup_steps, 0) / span, 1.0)
-    return o.lr_min + 0.5 * (o.lr - o.lr_min) * (1.0 + math.cos(math.pi * t))
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None for fp32. ``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-@torch.no_grad()
-def evaluate_pairs(model: nn.Module, pairs: Sequence[D.Pair], device: torch.device,
-                   amp: torch.dtype | None = None, norm: NormalisationConfig | None = None) -> dict[str, float]:
-    """Mean PSNR / SSIM (data range 1, reference units) of the model and of the input itself.
-
-    Each input is normalised by its own percentiles, run through the model and mapped back, the
-    same way inference does it.
-    """
-    norm = norm or NormalisationConfig()
-    was_training = model.training
-    model.eval()
-    out_p, out_s, in_p, in_s = [], [], [], []
-    for pair in pairs:
-        lo, hi = percentile_range(pair.inp, norm.low, norm.high)
-        x = torch.from_numpy(normalise(pair.inp, lo, hi))[None, None].to(device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            y = model(x)
-        pred = denormalise(y.float().cpu().numpy()[0, 0], lo, hi)
-        out_p.append(psnr(pred, pair.gt))
-        out_s.append(ssim(pred, pair.gt))
-        in_p.append(psnr(pair.inp, pair.gt))
-        in_s.append(ssim(pair.inp, pair.gt))
-    model.train(was_training)
-    return {"psnr": float(np.mean(out_p)), "ssim": float(np.mean(out_s)),
-            "input_psnr": float(np.mean(in_p)), "input_ssim": float(np.mean(in_s))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +87,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class Trainer:
+class Trainer(RunFiles):
     """One training run. Files go to ``config.out_dir`` unless ``write_files=False`` (in-memory
     fine-tuning); ``resume=True`` continues from ``out_dir/checkpoints/last.json``.
 
@@ -349,17 +128,19 @@ class Trainer:
         init_distributed(self.dist, dev)
 
         self.seed = config.seed
-        self.train_data = train_data if train_data is not None else build_paired_dataset(config.data, config, self.seed)
+        self.train_data = train_data if train_data is not None else build_paired_dataset(config.data, config.patch, self.seed)
         if extra_data is not None:
             self.extra_data = extra_data
             self.extra_labeled = bool(extra_labeled)
         elif config.unlabeled:
-            self.extra_data, self.extra_labeled = build_unlabeled_dataset(config.unlabeled, config, self.seed + 1), False
+            self.extra_data, self.extra_labeled = build_unlabeled_dataset(config.unlabeled, config.patch, self.seed + 1), False
         elif config.extra_pairs:
-            self.extra_data, self.extra_labeled = build_paired_dataset(config.extra_pairs, config, self.seed + 2), True
+            self.extra_data, self.extra_labeled = build_paired_dataset(config.extra_pairs, config.patch, self.seed + 2), True
         else:
             self.extra_data, self.extra_labeled = None, False
-        self.val_pairs = list(val_pairs) if val_pairs is not None else (build_validation_pairs(config) if self.dist.main else [])
+        self.val_pairs = list(val_pairs) if val_pairs is not None else (
+            build_validation_pairs(config.validation.data, config.validation.crop, config.seed)
+            if self.dist.main and config.validation is not None else [])
 
         if model is not None:
             self.net, self.provenance = model, {"init": "given"}
@@ -594,12 +375,18 @@ class Trainer:
         reserve = costs["validation"] + 2 * costs["checkpoint"]
         return self.budget_used + next_step + reserve > budget
 
+    def drive(self, callback: Callable[[StepRecord], Any] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> None:
+        """Run :meth:`steps` to the end; after every step ``callback(record)`` (returning False
+        stops the run) and ``should_stop()`` (e.g. a Stop button's flag) are asked."""
+        for record in self.steps():
+            if (callback is not None and callback(record) is False) or (should_stop is not None and should_stop()):
+                self.stop()
+
     def run(self, callback: Callable[[StepRecord], Any] | None = None) -> TrainResult:
         """Run to the end (or until stopped); ``callback(record)`` after every step. Saves the
         final model (``out_dir/model``) through the model registry."""
-        for record in self.steps():
-            if callback is not None and callback(record) is False:
-                self.stop()
+        self.drive(callback)
         return self.finish()
 
     def finish(self) -> TrainResult:
@@ -643,184 +430,6 @@ class Trainer:
 
             dist.barrier()
 
-    # ---------------------------------------------------------------- logs
-
-    def _log(self, record: StepRecord) -> None:
-        row = {"step": record.step, "lr": record.lr, **record.losses, "grad_norm": record.grad_norm,
-               "seconds": record.seconds, "patches_per_s": record.patches_per_s}
-        self.history.append(row)
-        if self.write_files and record.step % self.config.log_every == 0:
-            self._append_csv("log.csv", LOG_COLUMNS, row)
-            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    def _append_csv(self, name: str, columns: Sequence[str], row: dict[str, Any]) -> None:
-        path = self.out_dir / name
-        new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-
-    def _truncate_logs(self, step: int) -> None:
-        """After a resume, drop log rows of steps that the checkpoint does not contain."""
-        for name in ("log.csv", "val.csv"):
-            path = self.out_dir / name
-            if path.exists():
-                rows = list(csv.DictReader(path.open(encoding="utf-8")))
-                buf = io.StringIO()
-                cols = LOG_COLUMNS if name == "log.csv" else VAL_COLUMNS
-                w = csv.DictWriter(buf, fieldnames=list(cols), extrasaction="ignore")
-                w.writeheader()
-                w.writerows(r for r in rows if int(float(r["step"])) <= step)
-                write_text_atomic(path, buf.getvalue())
-        path = self.out_dir / "log.jsonl"
-        if path.exists():
-            keep = [l for l in path.read_text(encoding="utf-8").splitlines() if l and json.loads(l)["step"] <= step]
-            write_text_atomic(path, "".join(l + "\n" for l in keep))
-
-    # ---------------------------------------------------------------- checkpoints
-
-    def _training_record(self) -> dict[str, Any]:
-        return {
-            "package_version": __version__,
-            "steps": self.step,
-            "total_steps": self.total_steps,
-            "time_budget_minutes": self.config.time_budget_minutes,
-            "wall_seconds": round(self.wall_seconds, 1),
-            "device": str(self.device),
-            "world_size": self.dist.world,
-            "host": platform.node(),
-            "torch": torch.__version__,
-            "precision": str(self.amp).replace("torch.", "") if self.amp else "fp32",
-            "validation": self.last_validation,
-            "best": self.best,
-            "weights_from": self.provenance,
-            "config": json.loads(config_json(self.config)),
-        }
-
-    def save_checkpoint(self, validation: dict[str, float] | None) -> str | None:
-        if not self.write_files:
-            return None
-        record = {
-            "name": f"{self.config.name}_step{self.step}",
-            "description": f"checkpoint of training run {self.config.name} at step {self.step}",
-            "normalisation": self.config.patch.normalisation,
-            "training": self._training_record(),
-        }
-        state = {
-            "config": json.loads(config_json(self.config)),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "best": self.best,
-            "last_validation": self.last_validation,
-            "wall_seconds": self.wall_seconds,
-            "world_size": self.dist.world,
-            "planned_steps": self.planned_steps,
-            "budget_used_seconds": self.budget_used,
-        }
-        is_best = validation is not None and self._is_best(validation)
-        if is_best:
-            self.best = {"step": self.step, **validation}
-            state["best"] = self.best
-        folder = C.write_checkpoint(self.ckpt_dir, self.step, self.net, self.optimizer, state, record)
-        if is_best:
-            C.point(self.ckpt_dir, "best", folder, self.step, {"psnr": validation["psnr"], "ssim": validation["ssim"]})
-        C.point(self.ckpt_dir, "last", folder, self.step)
-        C.prune(self.ckpt_dir)
-        return str(folder)
-
-    def _resume(self) -> None:
-        ckpt = C.read_checkpoint(self.ckpt_dir, "last")
-        saved = ckpt.state.get("config", {})
-        ours = json.loads(config_json(self.config))
-        for key in ("model", "batch_size", "seed", "patch", "efcr"):
-            if saved.get(key) != ours.get(key):
-                raise C.CheckpointError(
-                    f"{ckpt.folder / 'state.json'}: cannot resume with a different '{key}' setting "
-                    f"(checkpoint: {json.dumps(saved.get(key))}, config: {json.dumps(ours.get(key))})"
-                )
-        if saved.get("world_size", 1) != self.dist.world:
-            raise C.CheckpointError(
-                f"{ckpt.folder}: saved with {saved.get('world_size')} processes, resuming with {self.dist.world}; "
-                "the sample stream would change"
-            )
-        from ..models.registry import load_model
-
-        loaded = load_model(ckpt.folder / "model", "cpu")
-        self.net.load_state_dict(loaded.model.state_dict())
-        self.optimizer.load_state_dict(C.optimizer_from_flat(ckpt.tensors, ckpt.state["optimizer"]))
-        if ckpt.state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt.state["scaler"])
-        C.restore_rng(ckpt.tensors)
-        self.step = ckpt.step
-        self.best = ckpt.state.get("best")
-        self.last_validation = ckpt.state.get("last_validation")
-        self.wall_seconds = float(ckpt.state.get("wall_seconds", 0.0))
-        self.planned_steps = ckpt.state.get("planned_steps")
-        self.budget_used = float(ckpt.state.get("budget_used_seconds", 0.0))
-        if self.write_files:
-            self._truncate_logs(self.step)
-
-    def save_final_model(self, path: Path) -> Path:
-        from ..models.registry import save_model
-
-        return save_model(
-            self.net, path, name=self.config.name,
-            description=f"trained with napari-mpt-deblur for {self.step} steps (EFCR beta {self.config.efcr.beta:g})",
-            normalisation=self.config.patch.normalisation, training=self._training_record(), trained=True,
-        )
-
-
-class _StepBatches(torch.utils.data.IterableDataset):
-    """Worker-side batch assembly: worker w of W builds the batches of steps w, w + W, ...;
-    DataLoader hands them out round-robin, so the order is the step order."""
-
-    def __init__(self, trainer: Trainer, start_step: int) -> None:
-        self.train_data = trainer.train_data
-        self.extra_data = trainer.extra_data
-        # Plain numbers, not the trainer: spawned workers (macOS, Windows) pickle this object.
-        self.batch, self.world, self.rank = trainer.config.batch_size, trainer.dist.world, trainer.dist.rank
-        self.start = start_step
-
-    def indices(self, step: int) -> list[int]:
-        start = (step * self.world + self.rank) * self.batch
-        return list(range(start, start + self.batch))
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        step = self.start + wid
-        while True:
-            idx = self.indices(step)
-            batch = D.collate([self.train_data[i] for i in idx])
-            extra = None if self.extra_data is None else D.collate([self.extra_data[i] for i in idx])
-            yield idx, batch, extra
-            step += nw
-
-
-def resolve_workers(setting: int | str, device: torch.device) -> int:
-    """Data-loading worker processes: a number as given; ``auto``: on a GPU all cores but one (at
-    most 8: the synthesis itself runs on the GPU), none on a CPU or MPS device (the main process
-    synthesises there, and on a small machine workers only compete with the model for cores)."""
-    if setting != "auto":
-        return int(setting)
-    if device.type == "cuda":
-        return max(0, min(8, (os.cpu_count() or 1) - 1))
-    return 0
-
-
-def check_patch_size(patch: int, net: nn.Module) -> None:
-    """Refuse a patch the network would pad (MPT: silently wasted compute) or cannot run (H2T)."""
-    multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
-    if patch % multiple:
-        low = max(multiple, patch // multiple * multiple)
-        arch = getattr(net, "config", None)
-        name = f"{arch.arch}/{arch.preset}" if arch is not None else type(net).__name__
-        raise ValueError(f"patch.size {patch} is not a multiple of {multiple}, the size multiple of {name}; "
-                         f"use {low} or {low + multiple}")
-
-
 def _psf_banks(*datasets: Any) -> list[Any]:
     """The PSF banks the synthetic parts of these datasets draw from (kept in this process)."""
     from ..data.psf_bank import PSFBank
@@ -832,6 +441,24 @@ def _psf_banks(*datasets: Any) -> list[Any]:
             if key is not None and key not in keys:
                 keys.append(key)
     return [PSFBank.by_key(k) for k in keys]
+
+
+class TrainerJob:
+    """The face shared by the jobs built on one :class:`Trainer` (fine-tuning, calibration):
+    the network being trained, its step records (a live view) and Stop."""
+
+    trainer: Trainer
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.net
+
+    def steps(self) -> Iterator[StepRecord]:
+        return self.trainer.steps()
+
+    def stop(self) -> None:
+        """End after the current step; the weights so far are kept."""
+        self.trainer.stop()
 
 
 def train(config: TrainConfig, *, resume: bool = False, out_dir: Path | None = None,

@@ -1,0 +1,156 @@
+"""Inference settings: what a front end asks for (:class:`InferenceSettings`) and what a run used
+(:class:`ResolvedSettings`).
+
+Every front end (napari widget, CLI, benchmark, Python) builds an :class:`InferenceSettings`; the
+engine resolves it against the device and the model (:func:`resolve_settings`). This module does
+not import torch, so a widget can check settings on the GUI thread
+(:func:`check_tile` with the model's size multiple, read from its JSON record).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+#: A tile side in pixels, as every front end accepts it (the benchmark's config reuses this type).
+TileSide = Annotated[int, Field(ge=8, le=16384)]
+
+
+class InferenceSettings(BaseModel):
+    """What the user asks for; ``None`` means "the default for the device" (see :data:`DEVICE_DEFAULTS`).
+
+    * ``tile``: largest tile side in pixels, a multiple of the model's size multiple.
+    * ``overlap``: pixels shared by neighbouring tiles, blended with a raised-cosine ramp.
+    * ``batch_size``: tiles per forward pass; ``None``: the device default on CPU/MPS, and on CUDA
+      as many as fit in about half the free GPU memory (measured with one tile, at most 64).
+    * ``plane_batch``: planes whose tiles may share a forward pass (small planes, e.g. 64 planes of
+      520 x 696); ``None``: as many as fill one batch. Used by the local stack path (``iter_planes``).
+    * ``pipeline``: read and normalise the next planes, and blend/write the previous ones, on other
+      threads while the model computes (``iter_planes``). ``False`` restores plane after plane in
+      the caller's thread, one plane per forward pass (the reference the batched path is tested against).
+    * ``precision``: ``fp16``/``bf16`` autocast on GPUs only; ``auto`` is bf16 on CUDA GPUs
+      that support it, fp32 elsewhere (:func:`~napari_mpt_deblur.inference.devices.resolve_precision`).
+    * ``output_dtype``: ``float32``, or ``input`` (rounded and clipped for integer inputs).
+    * ``normalisation_scope``: ``plane`` (default; each 2D plane scaled by its own percentiles),
+      ``stack`` (one range for the whole array, from up to ~16 M sampled pixels) or ``fixed``
+      (``intensity_range`` as given).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile: TileSide | None = None
+    overlap: int | None = Field(None, ge=0, le=4096)
+    batch_size: int | None = Field(None, ge=1, le=256)
+    device: str = "auto"
+    precision: Precision = "auto"
+    output_dtype: Literal["float32", "input"] = "float32"
+    normalisation_scope: Literal["plane", "stack", "fixed"] = "plane"
+    intensity_range: tuple[float, float] | None = None
+    channels_last: bool = True
+    plane_batch: int | None = Field(None, ge=1, le=1024)
+    pipeline: bool = True
+    #: ``torch.compile`` the model for the tile shape (None: the device default, see
+    #: :data:`.compiled.COMPILE_DEFAULTS`); falls back to eager with a warning when it fails.
+    compile: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_range(self) -> InferenceSettings:
+        if self.normalisation_scope == "fixed":
+            if self.intensity_range is None:
+                raise ValueError("normalisation_scope 'fixed' needs intensity_range=(low, high)")
+            lo, hi = self.intensity_range
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise ValueError(f"intensity_range {self.intensity_range} must be finite with high > low")
+        elif self.intensity_range is not None:
+            raise ValueError("intensity_range is only used with normalisation_scope='fixed'")
+        return self
+
+    @classmethod
+    def for_model(cls, size_multiple: int, model_name: str = "the model", **fields: Any) -> InferenceSettings:
+        """Validated settings that also fit a model (``tile`` a multiple of ``size_multiple``, the
+        overlap smaller than the tile): how a front end checks a request before starting any work.
+        Raises ``ValueError`` (pydantic's ``ValidationError`` for field bounds) naming the fix."""
+        settings = cls(**fields)
+        check_tile(settings.tile, settings.overlap, size_multiple, model_name)
+        return settings
+
+
+class ResolvedSettings(BaseModel):
+    """The concrete values a run used (saved in output metadata)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile: int
+    overlap: int
+    batch_size: int
+    device: str
+    precision: Literal["fp32", "fp16", "bf16"]
+    output_dtype: Literal["float32", "input"]
+    normalisation_scope: Literal["plane", "stack", "fixed"]
+    intensity_range: tuple[float, float] | None
+    channels_last: bool
+    size_multiple: int
+    plane_batch: int | None = None
+    pipeline: bool = True
+    batch_auto: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    tile: int
+    overlap: int
+    batch_size: int
+
+
+#: Defaults per device type. CPU: 512 px tiles keep a paper-preset forward pass under ~2 GB and
+#: make the overlap overhead small; GPUs get bigger tiles (the OOM fallback shrinks them).
+DEVICE_DEFAULTS = {
+    "cpu": DeviceDefaults(tile=512, overlap=32, batch_size=1),
+    "cuda": DeviceDefaults(tile=1024, overlap=64, batch_size=1),
+    "mps": DeviceDefaults(tile=512, overlap=64, batch_size=1),
+}
+
+
+def round_to_multiple(value: int, multiple: int) -> int:
+    """``value`` rounded down to a multiple of ``multiple`` (at least ``multiple``)."""
+    return max(multiple, (value // multiple) * multiple)
+
+
+def check_tile(tile: int | None, overlap: int | None, size_multiple: int, model_name: str = "the model") -> None:
+    """Refuse a tile that is not a multiple of the model's size multiple, or an overlap not smaller
+    than the tile (``None`` is "auto" and always fits); the message names both fixes."""
+    if tile is not None and tile % size_multiple:
+        low = round_to_multiple(tile, size_multiple)
+        raise ValueError(
+            f"tile {tile} is not a multiple of {size_multiple}, the size multiple of {model_name}; "
+            f"use {low} or {low + size_multiple}"
+        )
+    if tile is not None and overlap is not None and overlap >= tile:
+        raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
+
+
+def resolve_settings(settings: InferenceSettings, device: Any, size_multiple: int,
+                     model_name: str = "the model") -> ResolvedSettings:
+    """Fill in device defaults (``device``: a ``torch.device``) and check tile/overlap against the
+    model; errors say how to fix them."""
+    from .devices import resolve_precision
+
+    d = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+    tile = settings.tile if settings.tile is not None else round_to_multiple(d.tile, size_multiple)
+    overlap = settings.overlap if settings.overlap is not None else min(d.overlap, tile // 4)
+    check_tile(tile, overlap, size_multiple, model_name)
+    batch = settings.batch_size if settings.batch_size is not None else d.batch_size
+    # On CUDA an unset batch is sized from free memory at the first tile (PlaneRestorer._ensure_batch).
+    batch_auto = settings.batch_size is None and device.type == "cuda"
+    return ResolvedSettings(
+        tile=tile, overlap=overlap, batch_size=batch, device=str(device),
+        precision=resolve_precision(settings.precision, device),
+        output_dtype=settings.output_dtype, normalisation_scope=settings.normalisation_scope,
+        intensity_range=settings.intensity_range, channels_last=settings.channels_last,
+        size_multiple=size_multiple, plane_batch=settings.plane_batch, pipeline=settings.pipeline,
+        batch_auto=batch_auto,
+    )

@@ -1,0 +1,127 @@
+"""The network being trained: building it from the config, its multi-scale wrapper, the learning-rate
+schedule, the autocast dtype, the patch-size check, and validation scores through the inference
+engine's plane restorer. Used by :class:`napari_mpt_deblur.training.trainer.Trainer` (which
+re-exports these names) and by :mod:`napari_mpt_deblur.training.memory`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import datasets as D
+from ..data.normalisation import NormalisationConfig
+from ..evaluation.metrics import psnr, ssim
+from .config import TrainConfig
+
+
+class ScalesModule(nn.Module):
+    """Wraps a network so that ``forward`` returns its list of outputs (coarsest first, full scale
+    last): the H2T U-Net's ``forward_scales`` for its multi-scale loss, ``[net(x)]`` otherwise.
+    DistributedDataParallel wraps this module, so every call goes through its ``forward``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.multiscale = hasattr(net, "forward_scales") and getattr(net.config, "num_scales", 1) > 1
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.net.forward_scales(x) if self.multiscale else [self.net(x)]
+
+
+def build_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The network to train and where its weights came from."""
+    from ..models.config import preset_config
+    from ..models.registry import build_model, load_model
+
+    choice = config.model
+    if choice.init is not None:
+        loaded = load_model(choice.init, "cpu")
+        return loaded.model.train(), {"init": str(loaded.path), "init_name": loaded.record.name}
+    arch = choice.architecture or preset_config(choice.arch, choice.preset, choice.in_channels)
+    torch.manual_seed(config.seed)
+    net = build_model(arch)
+    head = getattr(net, "head", None)
+    zero = bool(choice.zero_init_head and getattr(arch, "global_residual", False) and isinstance(head, nn.Conv2d))
+    if zero:
+        # Not exactly zero: an exact identity makes EFCR's L- and L_ext exactly 0, and the first
+        # step's contrastive ratio then divides by eps (a loss ~20x the real one). A head 1000x
+        # smaller than its default init keeps the untrained net within ~1e-3 of the identity.
+        with torch.no_grad():
+            head.weight.mul_(HEAD_INIT_SCALE)
+    return net, {"init": "random", "init_seed": config.seed, "zero_init_head": zero,
+                 "head_init_scale": HEAD_INIT_SCALE if zero else None}
+
+
+#: Scale of the MPT's output conv at a "zero" init (see build_network).
+HEAD_INIT_SCALE = 1e-3
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
+    """Linear warm-up, then cosine from ``lr`` to ``lr_min`` over the remaining steps (step 0-based).
+
+    ``total_steps`` replaces ``config.steps`` (a time-budgeted run's planned steps)."""
+    o = config.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    total = config.steps if total_steps is None else total_steps
+    span = max(total - o.warmup_steps - 1, 1)  # the last step runs at lr_min
+    t = min(max(step - o.warmup_steps, 0) / span, 1.0)
+    return o.lr_min + 0.5 * (o.lr - o.lr_min) * (1.0 + math.cos(math.pi * t))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype, None for fp32: the one precision rule of
+    :func:`~napari_mpt_deblur.inference.devices.resolve_precision` (``auto``: bf16 on GPUs that
+    support it, fp16 on older GPUs, fp32 on CPU; an explicit fp16/bf16 is honoured on CPU)."""
+    from ..inference.devices import autocast_dtype_for, resolve_precision
+
+    return autocast_dtype_for(resolve_precision(precision, device, training=True))
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module, pairs: Sequence[D.Pair], device: torch.device,
+                   amp: torch.dtype | None = None, norm: NormalisationConfig | None = None) -> dict[str, float]:
+    """Mean PSNR / SSIM (data range 1, reference units) of the model and of the input itself.
+
+    Each input is restored by the inference engine's plane restorer
+    (:class:`~napari_mpt_deblur.inference.restorer.PlaneRestorer`: normalised by its own
+    percentiles, tiled, run with out-of-memory back-off, mapped back), so a validation score
+    measures what inference does. ``amp`` (the training autocast dtype) is used on GPUs; CPU
+    validation runs in fp32, as CPU inference does.
+    """
+    from ..inference.restorer import PlaneRestorer
+
+    norm = norm or NormalisationConfig()
+    was_training = model.training
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32") if device.type != "cpu" else "fp32"
+    out_p, out_s, in_p, in_s = [], [], [], []
+    try:
+        restorer = PlaneRestorer.for_network(model, norm, device, precision)
+        for pair in pairs:
+            plane = np.asarray(pair.inp, dtype=np.float32)[None]
+            pred = restorer.restore_plane(plane, np.dtype(np.float32), label=pair.name)[0]
+            out_p.append(psnr(pred, pair.gt))
+            out_s.append(ssim(pred, pair.gt))
+            in_p.append(psnr(pair.inp, pair.gt))
+            in_s.append(ssim(pair.inp, pair.gt))
+    finally:
+        model.train(was_training)
+    return {"psnr": float(np.mean(out_p)), "ssim": float(np.mean(out_s)),
+            "input_psnr": float(np.mean(in_p)), "input_ssim": float(np.mean(in_s))}
+
+
+def check_patch_size(patch: int, net: nn.Module) -> None:
+    """Refuse a patch the network would pad (MPT: silently wasted compute) or cannot run (H2T)."""
+    multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
+    if patch % multiple:
+        low = max(multiple, patch // multiple * multiple)
+        arch = getattr(net, "config", None)
+        name = f"{arch.arch}/{arch.preset}" if arch is not None else type(net).__name__
+        raise ValueError(f"patch.size {patch} is not a multiple of {multiple}, the size multiple of {name}; "
+                         f"use {low} or {low + multiple}")
