@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from napari_mpt_deblur.cli import main
-from napari_mpt_deblur.data.optics import Acquisition
+from napari_mpt_deblur.data.optics import Acquisition, parse_immersion
 from napari_mpt_deblur.data.samples import in_focus_bbbc006
 from napari_mpt_deblur.models.registry import ModelNameError, read_record
 from napari_mpt_deblur.training import calibrate as cal
@@ -75,9 +75,9 @@ def test_optics_from_arguments_metadata_and_defaults(tmp_path):
         cal.resolve_optics({"na": None, "wavelength_um": None, "pixel_um": None, "immersion_index": None}, [path])
     with pytest.raises(ValueError, match="micrometres"):
         cal.resolve_optics({"na": 0.45, "wavelength_um": 461, "pixel_um": 0.645, "immersion_index": None})
-    assert cal.parse_immersion("Oil") == 1.518 and cal.parse_immersion("1.33") == 1.33
+    assert parse_immersion("Oil") == 1.518 and parse_immersion("1.33") == 1.33
     with pytest.raises(ValueError, match="refractive index"):
-        cal.parse_immersion("honey")
+        parse_immersion("honey")
 
 
 # ---------------------------------------------------------------------------------- data

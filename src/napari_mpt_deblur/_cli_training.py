@@ -171,11 +171,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .io.cache import cache_dir
     from .models import RECOMMENDED_MODEL
     from .models.registry import ModelNameError, model_save_target
+    from .data.optics import OPTICS_FLAGS, calibrated_model_name
     from .training import calibrate as cal
 
     optics, sources = cal.resolve_optics(optics_flags(args), [*args.sharp, *args.unlabeled])
     model = args.model or RECOMMENDED_MODEL
-    out = args.out or cal.calibrated_model_name(model, optics)
+    out = args.out or calibrated_model_name(model, optics)
     try:  # checked before any training
         model_save_target(out)
     except (ModelNameError, FileExistsError) as exc:
@@ -186,7 +187,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch, patch=args.patch, use_bundled=not args.no_bundled, validate_every=args.validate_every,
         seed=args.seed, device=args.device, cpu_threads=args.threads)
     print(f"optics: {optics.label()}")
-    for key, flag in cal.OPTICS_FLAGS.items():
+    for key, flag in OPTICS_FLAGS.items():
         print(f"  {flag[2:]:<10} {getattr(optics, key):g}  ({sources[key]})")
     low, high = settings.training_defocus_um()
     print(f"defocus: {low:g} to {high:g} um, both signs (blur radius {optics.blur_radius_px(low):.1f} to "

@@ -13,7 +13,6 @@ after the current step, Save writes a model named with its optics that the Deblu
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import shutil
 import tempfile
@@ -27,22 +26,12 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label,
 from ._widget_calibrate_optics import (AIR_ASSUMED, FIELD_NAMES, IMMERSION_UNKNOWN, NOT_KNOWN, OTHER, _clean_error,
                                        _layer_pixel_um, optics_from_layer)  # noqa: F401
 from ._widget_common import (LossPlot, image_layer_names, keep_labels_readable, layer_data, model_choices,
-                             model_events, notify_error, notify_info, save_trained_model, start_training_worker,
-                             status_line)
+                             model_events, notify_error, notify_info, remove_at_exit, save_trained_model,
+                             start_training_worker, status_line)
 from .data.optics import calibrated_model_name
 
 if TYPE_CHECKING:
     import napari
-
-_WORK_DIRS: list[Path] = []
-
-
-@atexit.register
-def _remove_work_dirs() -> None:
-    # Checkpoints of unsaved runs (MBs each) must not pile up in the user cache folder.
-    for d in _WORK_DIRS:
-        shutil.rmtree(d, ignore_errors=True)
-
 
 def _import_calibration() -> None:
     """Import the calibration code (torch) in the background while the user fills in the fields."""
@@ -344,7 +333,7 @@ class CalibrateWidget(Container):
         root = cache_dir("calibrate")
         root.mkdir(parents=True, exist_ok=True)
         self.work_dir = Path(tempfile.mkdtemp(prefix=f"{settings.optics.slug()}-", dir=root))
-        _WORK_DIRS.append(self.work_dir)
+        remove_at_exit(self.work_dir)
         self._stop_event = threading.Event()
         self._error = ""
         self.calibrator = None

@@ -6,6 +6,9 @@ Only wiring lives here; every computation is a library call.
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import traceback
 from typing import Any
 
@@ -67,6 +70,21 @@ def geometry_kwargs(layer) -> dict[str, Any]:
         if value is not None:
             kwargs[name] = tuple(value)
     return kwargs
+
+
+_REMOVE_AT_EXIT: list[str | os.PathLike] = []
+
+
+def remove_at_exit(folder: str | os.PathLike) -> None:
+    """Delete ``folder`` when napari exits: the widgets' temporary stores and unsaved calibration
+    checkpoints (MBs each) must not pile up in the temp or user cache folder."""
+    _REMOVE_AT_EXIT.append(folder)
+
+
+@atexit.register
+def _remove_folders() -> None:
+    for folder in _REMOVE_AT_EXIT:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def model_choices() -> list[str]:

@@ -9,8 +9,6 @@ with stack depth and the viewer never computes planes on its own thread.
 
 from __future__ import annotations
 
-import atexit
-import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from ._widget_common import (
     model_events,
     notify_error,
     notify_info,
+    remove_at_exit,
     rgb_display_kwargs,
     scale_rgb_thumbnail,
     status_line,
@@ -38,14 +37,6 @@ if TYPE_CHECKING:
     import napari
 
     from .inference.settings import InferenceSettings
-
-_TEMP_DIRS: list[str] = []
-
-
-@atexit.register
-def _remove_temp_dirs() -> None:
-    for d in _TEMP_DIRS:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 class _ProgressRelay(QObject):
@@ -278,7 +269,7 @@ class DeblurWidget(Container):
         if zarr_path is None and is_lazy(data):
             # Lazy in, lazy out: stream into a temporary store instead of loading the stack.
             tmp = tempfile.mkdtemp(prefix="mpt-deblur-")
-            _TEMP_DIRS.append(tmp)
+            remove_at_exit(tmp)
             zarr_path = Path(tmp) / f"{layer.name}-deblurred.zarr"
         colormap = getattr(getattr(layer, "colormap", None), "name", None)
         return DeblurRequest(layer_name=layer.name, data=data, axes=axes, model=model,

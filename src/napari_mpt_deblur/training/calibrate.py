@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import datasets as D
-from ..data.optics import OPTICS_FLAGS, Acquisition, calibrated_model_name, parse_immersion  # noqa: F401 - re-exported
+from ..data.optics import OPTICS_FLAGS, Acquisition
 from ..losses.efcr import EFCRConfig
 from .config import ArraysSource, ArraysValidation, ModelChoice, OptimConfig, TrainConfig, ValidationConfig
 from .trainer import StepRecord, Trainer, TrainerJob
