@@ -210,3 +210,12 @@ def test_one_microscope_model_for_validation_benchmark_and_flags(tmp_path):
 
     assert optics_flags(bench) == {"na": 1.3, "wavelength_um": 0.461, "pixel_um": 0.645, "immersion_index": 1.518}
     assert optics_flags(calib) == {"na": 1.3, "wavelength_um": None, "pixel_um": None, "immersion_index": 1.518}
+
+
+def test_names_flag_takes_a_split_or_file_stems():
+    from napari_mpt_deblur._cli_training import names_arg
+
+    assert names_arg("u2os_train_and_val") == "u2os_train_and_val"
+    assert names_arg("07fb37aafa66") == ["07fb37aafa66"]  # one stem is not a split name
+    assert names_arg("a, b") == ["a", "b"]
+

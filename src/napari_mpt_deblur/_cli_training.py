@@ -130,6 +130,16 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
     return abs(low), abs(high)
 
 
+def names_arg(text: str) -> str | list[str]:
+    """``--names``: a split name (e.g. ``u2os_train_and_val``) as is, else comma-separated file stems
+    (one stem is a list of one, not a split)."""
+    from typing import get_args
+
+    from .data.sources import SplitName
+
+    return text if text in get_args(SplitName) else [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate", help="specialise a model to your microscope (objective, immersion, emission, pixel size)",
@@ -192,7 +202,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     low, high = settings.training_defocus_um()
     print(f"defocus: {low:g} to {high:g} um, both signs (blur radius {optics.blur_radius_px(low):.1f} to "
           f"{optics.blur_radius_px(high):.1f} px); validation at {settings.validation_defocus_um()} um")
-    names = args.names if args.names is None or "," not in args.names else args.names.split(",")
+    names = None if args.names is None else names_arg(args.names)
     sharp = cal.read_sharp(args.sharp, names) if args.sharp else None
     unlabeled = cal.read_unlabeled(args.unlabeled)
     tune_cpu_allocator()
