@@ -17,8 +17,10 @@ Measurements per preset:
 * ``small before`` / ``small after`` (part ``small``): N planes of 520 x 696 (default 64, the
   BBBC006 field size) streamed zarr -> zarr, first by the per-plane path (``pipeline=False``,
   one tile per forward pass: the engine before batching), then by the batched path (tiles of
-  several planes per forward pass, planes read ahead on a thread). The ``after`` row gives the
-  speed-up and the largest difference between the two outputs, relative to each plane's range.
+  several planes per forward pass, planes read ahead on a thread; ``pipeline=True``, the GPU
+  default). The ``after`` row gives the speed-up and the largest difference between the two
+  outputs, relative to each plane's range. Every other row uses the engine's defaults for the
+  device (on the CPU the per-plane path).
 * ``limit`` (part ``limit``): the physical limit of the device for each preset: FLOPs per pixel
   (``models.complexity.count_flops`` on one tile of the size the engine uses) times the device's
   peak FLOP/s, measured here with a large matrix product (fp32 on CPU; on CUDA in the engine's
@@ -101,7 +103,7 @@ def run_worker(spec: dict) -> dict:
     t_load = time.perf_counter()
     engine = Deblurrer(spec["model"], InferenceSettings(
         device=spec["device"], tile=spec.get("tile"), overlap=spec.get("overlap"), batch_size=spec.get("batch"),
-        channels_last=spec.get("channels_last", True), pipeline=spec.get("pipeline", True),
+        channels_last=spec.get("channels_last", True), pipeline=spec.get("pipeline"),
         plane_batch=spec.get("plane_batch")))
     load_s = time.perf_counter() - t_load
     m = engine.size_multiple
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = args.small_planes
                 plan.append((f"small {n}x{sh}x{sw} before", {**base, "kind": "stack", "store": store, "pipeline": False,
                                                           "batch": 1, "keep": str(tmp / f"{preset}_before.zarr")}))
-                plan.append((f"small {n}x{sh}x{sw} after", {**base, "kind": "stack", "store": store,
+                plan.append((f"small {n}x{sh}x{sw} after", {**base, "kind": "stack", "store": store, "pipeline": True,
                                                          "keep": str(tmp / f"{preset}_after.zarr")}))
             for label, spec in plan:
                 print(f"[{time.strftime('%H:%M:%S')}] {preset}: {label} ...", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Batched, overlapped inference (several planes' tiles per forward pass, read-ahead thread) and
 one GPU per dask worker.
 
-The batched path (``pipeline=True``, the default) must give what the plain per-plane path
+The batched path (``pipeline=True``, the default on GPUs; asked for explicitly here) must give what the plain per-plane path
 (``pipeline=False, batch_size=1``: one tile per forward pass, the engine before batching) gives,
 within 1e-5 of each plane's normalised range; out-of-memory back-off is exercised by injecting
 ``torch.OutOfMemoryError`` on the CPU. GPU pinning of workers is tested with fake GPU lists: the
@@ -60,13 +60,13 @@ def test_batched_planes_equal_the_per_plane_path(models, small_planes, arch):
     before = reference.deblur_array(planes, "ZYX")
     # 16 tiles per batch: two planes (12 tiles) share a forward pass; also fixed planes per group.
     for plane_batch in ((None,) if arch == "mpt" else (None, 1, 5)):
-        engine = Deblurrer(models[arch], tile=128, overlap=16, batch_size=16, plane_batch=plane_batch)
+        engine = Deblurrer(models[arch], pipeline=True, tile=128, overlap=16, batch_size=16, plane_batch=plane_batch)
         seen = []
         after = engine.deblur_array(planes, "ZYX", progress=lambda d, t: seen.append((d, t)))
         _assert_same_per_plane(after, before, planes)
         assert seen[-1] == (6 * len(planes),) * 2 and all(b[0] > a[0] for a, b in zip(seen, seen[1:]))
     # A single plane, a float input, and integer output units go through the same path.
-    one = Deblurrer(models[arch], tile=128, overlap=16, batch_size=4, output_dtype="input")
+    one = Deblurrer(models[arch], pipeline=True, tile=128, overlap=16, batch_size=4, output_dtype="input")
     single = one.deblur_plane(small_planes[3])
     assert single.dtype == np.uint16
     np.testing.assert_allclose(
@@ -75,7 +75,7 @@ def test_batched_planes_equal_the_per_plane_path(models, small_planes, arch):
 
 
 def test_forward_passes_hold_tiles_of_several_planes(models, small_planes):
-    engine = Deblurrer(models["h2t"], tile=128, overlap=16, batch_size=16)
+    engine = Deblurrer(models["h2t"], pipeline=True, tile=128, overlap=16, batch_size=16)
     shapes = []
     inner = engine.model
 
@@ -93,7 +93,7 @@ def test_forward_passes_hold_tiles_of_several_planes(models, small_planes):
 def test_constant_and_mixed_shape_planes_in_one_stack(models, small_planes):
     data = small_planes[:4].copy()
     data[1] = 7  # constant plane: returned as is, no NaN
-    engine = Deblurrer(models["h2t"], tile=128, overlap=16, batch_size=16)
+    engine = Deblurrer(models["h2t"], pipeline=True, tile=128, overlap=16, batch_size=16)
     out = engine.deblur_array(data, "ZYX")
     np.testing.assert_array_equal(out[1], 7.0)
     ref = Deblurrer(models["h2t"], tile=128, overlap=16, pipeline=False).deblur_array(data, "ZYX")
@@ -108,7 +108,7 @@ def test_constant_and_mixed_shape_planes_in_one_stack(models, small_planes):
 def test_out_of_memory_in_the_batched_path_halves_batch_then_tile(models, small_planes, fake_oom_model):
     planes = small_planes[:6]
     reference = Deblurrer(models["h2t"], tile=64, overlap=16, batch_size=1, pipeline=False).deblur_array(planes, "ZYX")
-    engine = Deblurrer(models["h2t"], tile=128, overlap=16, batch_size=16)
+    engine = Deblurrer(models["h2t"], pipeline=True, tile=128, overlap=16, batch_size=16)
     engine.model = fake = fake_oom_model(engine.model, max_pixels=2 * 64 * 64)
     seen = []
     with warnings.catch_warnings(record=True) as caught:
@@ -130,7 +130,7 @@ def test_out_of_memory_in_the_batched_path_halves_batch_then_tile(models, small_
 
 
 def test_cancel_in_the_batched_path_stops_between_batches(models, small_planes):
-    engine = Deblurrer(models["h2t"], tile=128, overlap=16, batch_size=4, plane_batch=1)
+    engine = Deblurrer(models["h2t"], pipeline=True, tile=128, overlap=16, batch_size=4, plane_batch=1)
     event = threading.Event()
 
     def progress(done, total):
@@ -145,7 +145,7 @@ def test_cancel_in_the_batched_path_stops_between_batches(models, small_planes):
 
 
 def test_an_abandoned_generator_stops_its_threads(models, small_planes):
-    engine = Deblurrer(models["h2t"], tile=128, overlap=16, batch_size=4)
+    engine = Deblurrer(models["h2t"], pipeline=True, tile=128, overlap=16, batch_size=4)
     prep = engine.prepare(small_planes, "ZYX")
     planes = engine.iter_planes(prep, None)
     index, first = next(planes)
@@ -197,3 +197,15 @@ def test_two_fake_gpus_give_two_workers_each_pinned_to_its_gpu(monkeypatch):
     with pytest.raises(ValueError, match="one worker per GPU"):
         with cluster_client("local", gpus=["0", "1"], n_workers=3):
             pass
+
+
+def test_the_pipeline_is_a_gpu_default_and_off_on_cpu():
+    """On 2 CPU cores the reader/blender threads cost 10% wall time (docs/performance.md), so the
+    CPU default is the per-plane path; GPUs overlap reading with computing. An explicit choice wins."""
+    from napari_mpt_deblur.inference.settings import InferenceSettings, resolve_settings
+
+    def resolved(device: str, **kw) -> bool:
+        return resolve_settings(InferenceSettings(precision="fp32", **kw), torch.device(device), 16).pipeline
+
+    assert resolved("cpu") is False and resolved("cuda") is True
+    assert resolved("cpu", pipeline=True) is True and resolved("cuda", pipeline=False) is False

@@ -31,7 +31,9 @@ class InferenceSettings(BaseModel):
       520 x 696); ``None``: as many as fill one batch. Used by the local stack path (``iter_planes``).
     * ``pipeline``: read and normalise the next planes, and blend/write the previous ones, on other
       threads while the model computes (``iter_planes``). ``False`` restores plane after plane in
-      the caller's thread, one plane per forward pass (the reference the batched path is tested against).
+      the caller's thread, one plane per forward pass (the reference the batched path is tested
+      against). ``None``: the device default, on for GPUs, off on CPU, where the extra threads
+      compete with torch's for the cores (64 planes of 520 x 696 on 2 cores: 0.91x, docs/performance.md).
     * ``precision``: ``fp16``/``bf16`` autocast on GPUs only; ``auto`` is bf16 on CUDA GPUs
       that support it, fp32 elsewhere (:func:`~napari_mpt_deblur.inference.devices.resolve_precision`).
     * ``output_dtype``: ``float32``, or ``input`` (rounded and clipped for integer inputs).
@@ -52,7 +54,7 @@ class InferenceSettings(BaseModel):
     intensity_range: tuple[float, float] | None = None
     channels_last: bool = True
     plane_batch: int | None = Field(None, ge=1, le=1024)
-    pipeline: bool = True
+    pipeline: bool | None = None
     #: ``torch.compile`` the model for the tile shape (None: the device default, see
     #: :data:`.compiled.COMPILE_DEFAULTS`); falls back to eager with a warning when it fails.
     compile: bool | None = None
@@ -104,14 +106,15 @@ class DeviceDefaults:
     tile: int
     overlap: int
     batch_size: int
+    pipeline: bool
 
 
 #: Defaults per device type. CPU: 512 px tiles keep a paper-preset forward pass under ~2 GB and
 #: make the overlap overhead small; GPUs get bigger tiles (the OOM fallback shrinks them).
 DEVICE_DEFAULTS = {
-    "cpu": DeviceDefaults(tile=512, overlap=32, batch_size=1),
-    "cuda": DeviceDefaults(tile=1024, overlap=64, batch_size=1),
-    "mps": DeviceDefaults(tile=512, overlap=64, batch_size=1),
+    "cpu": DeviceDefaults(tile=512, overlap=32, batch_size=1, pipeline=False),
+    "cuda": DeviceDefaults(tile=1024, overlap=64, batch_size=1, pipeline=True),
+    "mps": DeviceDefaults(tile=512, overlap=64, batch_size=1, pipeline=True),
 }
 
 
@@ -151,6 +154,6 @@ def resolve_settings(settings: InferenceSettings, device: Any, size_multiple: in
         precision=resolve_precision(settings.precision, device),
         output_dtype=settings.output_dtype, normalisation_scope=settings.normalisation_scope,
         intensity_range=settings.intensity_range, channels_last=settings.channels_last,
-        size_multiple=size_multiple, plane_batch=settings.plane_batch, pipeline=settings.pipeline,
+        size_multiple=size_multiple, plane_batch=settings.plane_batch, pipeline=d.pipeline if settings.pipeline is None else settings.pipeline,
         batch_auto=batch_auto,
     )
