@@ -126,10 +126,10 @@ class Deblurrer(PlaneRestorer):
                     ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
         """Yield ``(leading index, restored plane)`` one plane at a time; planes are (C, H, W) or (H, W).
 
-        Locally, with ``pipeline`` on (the default), planes are read ahead on one thread, their
+        Locally, with ``pipeline`` on (the default on GPUs), planes are read ahead on one thread, their
         tiles batched (several small planes per forward pass) on another, and blended and yielded
         here (:mod:`.batching`); at most a few groups of planes are held, so memory does not depend
-        on the number of planes. With ``pipeline`` off each plane is read, restored and yielded
+        on the number of planes. With ``pipeline`` off (the CPU default) each plane is read, restored and yielded
         before the next is read. With a dask.distributed ``client`` planes are computed
         on the cluster, a bounded number at a time (see :mod:`.distributed`).
         """
