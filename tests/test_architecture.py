@@ -46,7 +46,7 @@ LAYERS: dict[int, list[str]] = {
         "evaluation.sharpness", "evaluation.stardist_process", "models.config", "models.layers"],
     # 1 formats and models: image files, model files and networks, datasets, StarDist
     1: ["io.images", "io.bioimageio_package", "data.samples", "data.loaders", "data.datasets", "data.builders",
-        "models.mpt", "models.h2t_unet", "models.record", "models.registry", "models.complexity",
+        "models.mpt", "models.h2t_unet", "models.record", "models.registry", "models.complexity", "models.phase_tying",
         "evaluation.stardist_runner"],
     # 2 the inference engine
     2: ["inference.*"],

@@ -111,9 +111,9 @@ def test_one_step_on_the_efcr_term_alone_changes_the_weights():
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert len(changed) > 0.9 * len(before)
     # The extended pass carries gradient too: switching it off changes the CR gradient.
-    def cr_grads(extended_grad: bool):
+    def cr_grads(extended_grad: bool, cap: float | None = None):
         m = _tiny_mpt()
-        t = EFCRObjective(EFCRConfig(beta=1.0, extended_grad=extended_grad))(
+        t = EFCRObjective(EFCRConfig(beta=1.0, extended_grad=extended_grad, extended_cap=cap))(
             single_scale(m), inp, gt, generator=torch.Generator().manual_seed(0))
         t.cr.backward()
         return _grads(m), float(t.cr)
@@ -122,12 +122,18 @@ def test_one_step_on_the_efcr_term_alone_changes_the_weights():
     assert cr_a == pytest.approx(cr_b, rel=1e-5)  # same value, different gradient
     diff = max(float((with_ext[k] - without_ext[k]).abs().max()) for k in with_ext)
     assert diff > 0
+    # Clipped (the default cap 1): this random net changes the reblurred high band by more than
+    # the reblur did, so L_ext sits above the cap and the extended pass gives no gradient at all.
+    capped_ext, _ = cr_grads(True, cap=1.0)
+    capped_no_ext, _ = cr_grads(False, cap=1.0)
+    assert max(float((capped_ext[k] - capped_no_ext[k]).abs().max()) for k in capped_ext) == 0
 
 
 def test_efcrex_unlabeled_batch_gets_gradient_that_depends_on_it():
     model = _tiny_mpt()
     inp, gt = _batch(3)
-    objective = EFCRObjective(EFCRConfig(beta=1.0))
+    # Uncapped: this random net's L_ext is above the default cap of 1, where it has no gradient.
+    objective = EFCRObjective(EFCRConfig(beta=1.0, extended_cap=None))
 
     def run(unlabeled: torch.Tensor):
         model.zero_grad()
@@ -207,3 +213,31 @@ def test_efcrex_extra_patches_of_another_size_run_separately():
     with torch.no_grad():
         expected = float((model(inp) - gt).abs().mean())
     assert float(terms.pixel) == pytest.approx(expected, rel=1e-5)
+
+
+def test_extended_term_is_capped_and_the_lowpass_hides_a_period_2_pattern():
+    """Issue 13: above the cap L_ext no longer lowers the ratio (a net cannot buy a lower loss by
+    changing the reblurred image's high band MORE than the reblur did), and with ``below_nyquist``
+    a checkerboard added to the output changes no contrastive distance."""
+    from napari_mpt_deblur.losses.efcr import nyquist_lowpass
+
+    inp, gt = _batch(4)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    board = 0.05 * (-1.0) ** (yy + xx)
+
+    def terms(net, **cfg):
+        return EFCRObjective(EFCRConfig(beta=1.0, **cfg))(single_scale(net), inp, gt, generator=torch.Generator().manual_seed(0))
+
+    identity = lambda x: x  # noqa: E731
+    boarded = lambda x: x + board  # noqa: E731
+    plain = terms(boarded, extended_cap=None)
+    assert float(plain.l_ext.min()) > 1.0  # the pattern alone over-"restores" the reblur
+    capped = terms(boarded)
+    assert torch.allclose(capped.l_ext, plain.l_ext)  # reported raw ...
+    assert float(capped.cr) > float(plain.cr)  # ... but the ratio uses min(L_ext, 1)
+    hidden = terms(boarded, below_nyquist=True)
+    clean = terms(identity, below_nyquist=True)
+    # The identity scores 0 on both; the board is invisible (float rounding only), where unfiltered
+    # it scored L_ext > 1 above.
+    assert torch.allclose(hidden.l_neg, clean.l_neg, atol=1e-6) and float(hidden.l_ext.max()) < 1e-4
+    assert float(nyquist_lowpass(board[None, None]).abs().max()) < 1e-6

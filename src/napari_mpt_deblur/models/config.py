@@ -45,6 +45,11 @@ class MPTConfig(_Strict):
     ffn_expansion: float = Field(2.6, gt=0)
     shift_every_second: bool = True
     global_residual: bool = True
+    #: How the decoder doubles the resolution: ``"pixel_shuffle"`` (the paper's and the authors'
+    #: 3x3 conv C -> 2C + PixelShuffle; also what a record without this key means) or
+    #: ``"resize_conv"`` (3x3 conv C -> C/2 + nearest x2, no checkerboard; presets "small" and "tiny"). See
+    #: :data:`UPSAMPLE_NOTE`.
+    upsample: Literal["pixel_shuffle", "resize_conv"] = "pixel_shuffle"
 
     @field_validator("scales")
     @classmethod
@@ -109,6 +114,10 @@ class H2TUNetConfig(_Strict):
     fusion: Literal["sum", "concat"] = "sum"
     base_channels: int = Field(32, ge=4)
     depth: int = Field(3, ge=1, le=5)
+    #: How the decoder doubles the resolution: ``"transposed"`` (ConvTranspose2d k=2 s=2; what a
+    #: record without this key means) or ``"resize_conv"`` (1x1 conv + nearest x2, no
+    #: checkerboard; every preset). See the note above the presets.
+    upsample: Literal["transposed", "resize_conv"] = "transposed"
 
     @property
     def size_multiple(self) -> int:
@@ -117,11 +126,23 @@ class H2TUNetConfig(_Strict):
 
 ArchConfig = Annotated[Union[MPTConfig, H2TUNetConfig], Field(discriminator="arch")]
 
+# Upsampling (issue 13): every preset but the MPT's "paper" one upsamples by resize-convolution,
+# while the configs' ``upsample`` defaults keep the older upsamplers. A stride-2 transposed
+# convolution or a sub-pixel convolution has four output phases with their own weights; trained apart they leave a period-2
+# (checkerboard) pattern (the first shipped h2t-unet-fluo: a Nyquist energy ratio of thousands on
+# the demo image). A resize-convolution ties the phases. The defaults stay the old upsamplers
+# because a model record written before the field existed has no ``upsample`` key and was
+# trained with them. The MPT "paper" preset stays the published network; its resize-convolution
+# variant is ``preset_config("mpt", "paper", upsample="resize_conv")``.
+
 #: Architecture presets: same structure, fewer channels/sub-blocks for CPU use and tests.
 MPT_PRESETS: dict[str, dict] = {
+    # The paper's network as published (19,799,356 parameters at 3 channels, as the authors' code),
+    # sub-pixel upsampling included; train with ``upsample: resize_conv`` to avoid its checkerboard.
     "paper": {},
     # Half the width, four sub-blocks per pyramid block (scales keep the coarse-to-fine order).
     "small": {
+        "upsample": "resize_conv",
         "dim": 24,
         "heads": (1, 2, 4, 8),
         "scales": (
@@ -134,6 +155,7 @@ MPT_PRESETS: dict[str, dict] = {
     # Two sub-blocks per block: one cross-scale, one shifted full-scale; a plain-window bottleneck
     # halves the size multiple (64) so small images pad less.
     "tiny": {
+        "upsample": "resize_conv",
         "dim": 16,
         "heads": (1, 2, 4, 4),
         "scales": ((1 / 4, 1.0), (1 / 2, 1.0), (1 / 2, 1.0), (1.0, 1.0)),
@@ -141,17 +163,17 @@ MPT_PRESETS: dict[str, dict] = {
 }
 
 H2T_PRESETS: dict[str, dict] = {
-    "paper": {"num_scales": 4, "fusion": "sum", "base_channels": 32, "depth": 4},
-    "small": {"num_scales": 3, "fusion": "sum", "base_channels": 24, "depth": 3},
-    "tiny": {"num_scales": 2, "fusion": "sum", "base_channels": 12, "depth": 3},
+    "paper": {"num_scales": 4, "fusion": "sum", "base_channels": 32, "depth": 4, "upsample": "resize_conv"},
+    "small": {"num_scales": 3, "fusion": "sum", "base_channels": 24, "depth": 3, "upsample": "resize_conv"},
+    "tiny": {"num_scales": 2, "fusion": "sum", "base_channels": 12, "depth": 3, "upsample": "resize_conv"},
 }
 
 ARCHITECTURES = ("mpt", "h2t_unet")
 PRESETS = ("paper", "small", "tiny")
 
 
-def preset_config(arch: str, preset: str, in_channels: int = 1, out_channels: int | None = None):
-    """Build the config of a named preset.
+def preset_config(arch: str, preset: str, in_channels: int = 1, out_channels: int | None = None, **overrides):
+    """Build the config of a named preset; ``overrides`` replace preset fields (e.g. ``upsample``).
 
     Raises ``ValueError`` naming the known choices for an unknown ``arch`` or ``preset``.
     """
@@ -162,4 +184,4 @@ def preset_config(arch: str, preset: str, in_channels: int = 1, out_channels: in
     if preset not in presets:
         raise ValueError(f"unknown {arch} preset {preset!r}; choose one of {sorted(presets)}")
     out = in_channels if out_channels is None else out_channels
-    return cls(preset=preset, in_channels=in_channels, out_channels=out, **presets[preset])
+    return cls(preset=preset, in_channels=in_channels, out_channels=out, **{**presets[preset], **overrides})

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import H2TUNetConfig
-from .layers import crop_to, reflect_pad_to_multiple, run_block
+from .layers import ResizeConvUpsample, crop_to, reflect_pad_to_multiple, run_block
 
 
 class DoubleConv(nn.Sequential):
@@ -32,6 +32,16 @@ class DoubleConv(nn.Sequential):
         )
 
 
+def _unet_upsampler(kind: str, in_channels: int, out_channels: int) -> nn.Module:
+    """x2 upsampling C_in -> C_out: ``"resize_conv"`` (phases tied, no checkerboard) or the first
+    models' ``"transposed"`` (ConvTranspose2d k=2 s=2)."""
+    if kind == "resize_conv":
+        return ResizeConvUpsample(in_channels, out_channels)
+    if kind == "transposed":
+        return nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+    raise ValueError(f"unknown upsample {kind!r}; expected 'resize_conv' or 'transposed'")
+
+
 class FusionUNet(nn.Module):
     """A U-Net whose encoder can take the decoder features of a coarser U-Net.
 
@@ -40,14 +50,15 @@ class FusionUNet(nn.Module):
     fuses into its encoder.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, base: int, depth: int, fusion: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, base: int, depth: int, fusion: str,
+                 upsample: str = "transposed") -> None:
         super().__init__()
         widths = [base * 2**i for i in range(depth)]
         self.fusion = fusion
         self.encoders = nn.ModuleList(
             DoubleConv(in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth)
         )
-        self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth - 1))
+        self.ups = nn.ModuleList(_unet_upsampler(upsample, widths[i + 1], widths[i]) for i in range(depth - 1))
         self.decoders = nn.ModuleList(DoubleConv(2 * widths[i], widths[i]) for i in range(depth - 1))
         self.fuse = (
             nn.ModuleList(nn.Conv2d(2 * w, w, 1) for w in widths) if fusion == "concat" else None
@@ -94,7 +105,8 @@ class HeadToTailUNet(nn.Module):
     def __init__(self, config: H2TUNetConfig) -> None:
         super().__init__()
         self.config = config
-        self.unet = FusionUNet(config.in_channels, config.out_channels, config.base_channels, config.depth, config.fusion)
+        self.unet = FusionUNet(config.in_channels, config.out_channels, config.base_channels, config.depth, config.fusion,
+                               config.upsample)
 
     @property
     def size_multiple(self) -> int:

@@ -24,6 +24,24 @@ class ChannelLayerNorm(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
+class ResizeConvUpsample(nn.Sequential):
+    """Learned projection, then nearest-neighbour x2 (a "resize-convolution", Odena et al. 2016).
+
+    The four output pixels of every 2x2 block share one weight, so, unlike a stride-2 transposed
+    convolution or a sub-pixel convolution (PixelShuffle) whose four phases are trained apart, it
+    cannot add a period-2 (checkerboard) pattern: its output has no energy at the Nyquist
+    frequencies. The projection runs at the coarse resolution (a quarter of the cost).
+
+    Shape: (B, C_in, H, W) -> (B, C_out, 2H, 2W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, bias: bool = True) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+        )
+
+
 def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad the last two axes at the bottom/right to the next multiple of ``multiple``.
 

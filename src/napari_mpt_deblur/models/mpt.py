@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MPTConfig
-from .layers import ChannelLayerNorm, crop_to, reflect_pad_to_multiple, run_block
+from .layers import ChannelLayerNorm, ResizeConvUpsample, crop_to, reflect_pad_to_multiple, run_block
 
 #: How ISCA and CSWA compute attention. ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention`
 #: (fused kernels on CPU and CUDA; the attention matrix of a whole group is never written out).
@@ -321,10 +321,21 @@ class Downsample(nn.Sequential):
 
 
 class Upsample(nn.Sequential):
-    """3x3 conv C -> 2C then PixelShuffle(2). Shape: (B, C, H, W) -> (B, C/2, 2H, 2W)."""
+    """The paper's upsampler: 3x3 conv C -> 2C then PixelShuffle(2), four independently trained
+    output phases. Shape: (B, C, H, W) -> (B, C/2, 2H, 2W)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+
+def _mpt_upsampler(kind: str, channels: int) -> nn.Module:
+    """(B, C, H, W) -> (B, C/2, 2H, 2W): ``"resize_conv"`` (3x3 conv C -> C/2 then nearest x2,
+    phases tied) or ``"pixel_shuffle"`` (:class:`Upsample`)."""
+    if kind == "resize_conv":
+        return ResizeConvUpsample(channels, channels // 2, kernel_size=3, bias=False)
+    if kind == "pixel_shuffle":
+        return Upsample(channels)
+    raise ValueError(f"unknown upsample {kind!r}; expected 'resize_conv' or 'pixel_shuffle'")
 
 
 class MultiPyramidTransformer(nn.Module):
@@ -346,7 +357,7 @@ class MultiPyramidTransformer(nn.Module):
         self.downs = nn.ModuleList(Downsample(ch(i)) for i in range(levels - 1))
         self.bottleneck = PyramidBlock(ch(levels - 1), config.heads[-1], config.scales[-1], config)
         # ups[i] takes level i+1 to level i; decoders[i] runs at level i.
-        self.ups = nn.ModuleList(Upsample(ch(i + 1)) for i in range(levels - 1))
+        self.ups = nn.ModuleList(_mpt_upsampler(config.upsample, ch(i + 1)) for i in range(levels - 1))
         self.decoders = nn.ModuleList(
             PyramidBlock(ch(i), config.heads[i], config.scales[i], config) for i in range(levels - 1)
         )

@@ -59,14 +59,15 @@ def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, Normalisati
 
 #: Linear learning-rate warm-up of a fine-tune, in steps (issue 13). Without it AdamW's first
 #: steps move every weight by about the full learning rate whatever its gradient (its moment
-#: estimates are still empty), which unbalances the four phases of the H2T U-Net's stride-2
-#: transposed convolutions: 7 steps at 5e-5 raised the period-2 (checkerboard) amplitude of
-#: h2t-unet-fluo's output on the demo image from 0.095% to 0.247% of its range (Nyquist energy
-#: ratio 1661 -> 8317); with this warm-up, 0.121% (2904). Runs shorter than this never reach the
-#: full learning rate: a gentle fine-tune, by design. NOT fixed by this: over longer runs the
-#: contrastive term at beta 0.1 grows a strong checkerboard (it rewards high-frequency difference
-#: from the blurry input, which a period-2 pattern maximises): 7.9% of the range after 50 steps,
-#: 13.5% after 200 (batch 1); with the paper's beta 1e-5, 0.12% after 50. See docs/training.md.
+#: estimates are still empty), which unbalanced the four phases of the first H2T weights' stride-2
+#: transposed convolutions within 7 steps. Runs shorter than this never reach the full learning
+#: rate: a gentle fine-tune, by design. Longer fine-tunes grew a strong checkerboard through the
+#: contrastive term, which rewards high-frequency difference from the blurry input (a period-2
+#: pattern is the cheapest); the fine-tuner therefore measures its contrastive distances below the
+#: Nyquist frequency (``EFCRConfig.below_nyquist``) and caps ``L_ext`` (``extended_cap``).
+#: Measured, 200 default steps on the demo image (Nyquist energy ratio, input 1.07): paper loss
+#: 1224, capped 98 (both from the phase-tied first weights), capped + below Nyquist 13.8 (from the
+#: shipped weights; 9.4 at beta 0.01): far smaller, still not the input's (docs/training.md).
 FINETUNE_WARMUP_STEPS = 50
 
 
@@ -168,7 +169,7 @@ class FineTuner(TrainerJob):
             patch=patch_cfg,
             batch_size=batch,
             steps=steps,
-            efcr=EFCRConfig(beta=beta),
+            efcr=EFCRConfig(beta=beta, below_nyquist=True),
             optim=OptimConfig(lr=lr, lr_min=min(lr, 1e-6),
                               warmup_steps=finetune_warmup(steps) if warmup_steps is None else warmup_steps),
             precision=precision,
