@@ -235,7 +235,9 @@ def test_benchmark_command_end_to_end(tmp_path, shared_data, stardist_model, tin
             assert float(by[(d, m)]["sec_per_mp"]) > 0 and by[(d, m)]["psnr"] != by[(d, "input")]["psnr"]
         for m in methods.split(","):
             row = by[(d, m)]
-            assert 0 <= float(row["mean_ap"]) <= 1 and 0 < float(row["ssim"]) <= 1 and row["images"] == "2"
+            # SSIM lies in [-1, 1]; an untrained model's output can be anticorrelated with the truth.
+            low = -1 if m in methods.split(",")[3:] else 0
+            assert 0 <= float(row["mean_ap"]) <= 1 and low < float(row["ssim"]) <= 1 and row["images"] == "2"
     # More defocus, worse input; the sharp row is the matching reference.
     assert float(by[("12", "input")]["psnr"]) < float(by[("4", "input")]["psnr"])
     assert float(by[("", "sharp")]["mean_ap"]) > float(by[("12", "input")]["mean_ap"])
