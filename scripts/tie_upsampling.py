@@ -19,14 +19,13 @@ from napari_mpt_deblur.models.phase_tying import phase_imbalance, tie_upsampling
 from napari_mpt_deblur.models.registry import load_model, save_model
 
 
-def validate(model, record, config_path: str) -> dict[str, float]:
+def validation_pairs(config_path: str):
+    """The fixed validation pairs of a training config (synthetic blur and noise seeded by it)."""
     from napari_mpt_deblur.data.builders import build_validation_pairs
     from napari_mpt_deblur.training.config import load_config
-    from napari_mpt_deblur.training.network import evaluate_pairs
 
     config = load_config(config_path)
-    pairs = build_validation_pairs(config.validation.data, config.validation.crop, config.seed)
-    return evaluate_pairs(model, pairs, torch.device("cpu"), None, record.normalisation)
+    return build_validation_pairs(config.validation.data, config.validation.crop, config.seed)
 
 
 def main() -> None:
@@ -43,7 +42,11 @@ def main() -> None:
                "phase_imbalance": phase_imbalance(old.model), "training": old.record.training}
     scores = {}
     if args.validate:
-        scores = {"before": validate(old.model, old.record, args.validate), "after": validate(tied, old.record, args.validate)}
+        from napari_mpt_deblur.training.network import evaluate_pairs
+
+        pairs = validation_pairs(args.validate)  # made once: both models see the same pairs
+        scores = {label: evaluate_pairs(net, pairs, torch.device("cpu"), None, old.record.normalisation)
+                  for label, net in (("before", old.model), ("after", tied))}
         history["validation"] = scores
     out = save_model(tied, args.out, name=args.name or old.record.name,
                      description=f"{old.record.description} Upsamplers tied to resize-convolutions (phase-averaged weights).".strip(),

@@ -81,9 +81,10 @@ def phase_imbalance(model: nn.Module) -> list[float]:
     the phases disagree on relative to what they share (0 for tied phases; the first shipped
     h2t-unet-fluo: 1.4-1.7)."""
     arch = model.config.arch
+    state = model.state_dict()
     sizes = []
     for key in _upsampler_weights(model):
-        w = model.state_dict()[key].float()
+        w = state[key].float()
         if arch == "h2t_unet":
             phases = w.flatten(0, 1).permute(1, 2, 0).reshape(4, -1)  # (4, C_in * C_out)
         else:
