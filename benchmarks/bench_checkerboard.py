@@ -4,7 +4,8 @@ after a default fine-tune, against the input's.
 For each model: the ratio (:func:`napari_mpt_deblur.evaluation.spectral.nyquist_energy_ratio`)
 of the real defocused BBBC006 demo image, of the model's output on it (one whole-image pass), and
 of the output after ``--steps`` steps of the napari fine-tune with its defaults (EFCRex on the
-demo image itself, batch 4, patch 128, lr 5e-5, beta 0.1), with the seconds the fine-tune took.
+demo image itself, batch 4, patch 128, lr 5e-5, beta 0.1, Nyquist-coefficient loss weight 10),
+with the seconds the fine-tune took.
 "Within 2x" is the issue's acceptance: every ratio at most twice the input's.
 
     python benchmarks/bench_checkerboard.py --models h2t-unet-fluo mpt-small-fluo --steps 200 --markdown

@@ -14,7 +14,7 @@ from napari_mpt_deblur.data.psf import PSFParams
 from napari_mpt_deblur.data.samples import defocused_bbbc006, in_focus_bbbc006
 from napari_mpt_deblur.data.synthesis import synthesize_defocus
 from napari_mpt_deblur.models.registry import load_model
-from napari_mpt_deblur.training.finetune import FineTuner, finetune
+from napari_mpt_deblur.training.finetune import FINETUNE_NYQUIST_WEIGHT, FineTuner, finetune
 
 #: The same tiny MPT as conftest.MICRO_MPT (the micro_model_path fixture), as a config.
 MICRO = {"preset": "micro", "dim": 8, "heads": (1, 2), "scales": ((0.5, 1.0), (1.0, 1.0)), "window_size": 4}
@@ -37,6 +37,8 @@ def test_finetune_uses_unlabeled_images_and_leaves_the_original_alone(micro_mode
                       callback=records.append)
     assert result.steps_done == 3 and not result.stopped and not result.model.training
     assert all("l_ext" in r.losses and np.isfinite(r.losses["l_ext"]) for r in records)
+    # The fine-tune's guard against a pattern locked to the pixel grid (issue 13) is on and logged.
+    assert all(r.losses["nyquist"] > 0 for r in records)
     assert any(not torch.equal(v, original[k]) for k, v in result.model.state_dict().items())
     for k, v in loaded.model.state_dict().items():
         assert torch.equal(v, original[k])
@@ -56,6 +58,8 @@ def test_finetuner_stops_cleanly_and_saves_with_provenance(micro_model_path, tmp
     rec = load_model(path).record
     assert rec.training["finetuned_from"] == "micro" and rec.training["steps"] == 2
     assert rec.training["unlabeled_images"] == [[128, 128]]
+    efcr = tuner.config.efcr
+    assert efcr.nyquist_weight == FINETUNE_NYQUIST_WEIGHT > 0 and efcr.below_nyquist and efcr.extended_cap == 1.0
     with pytest.raises(FileExistsError):
         tuner.save(tmp_path / "tuned")
 

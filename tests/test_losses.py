@@ -241,3 +241,47 @@ def test_extended_term_is_capped_and_the_lowpass_hides_a_period_2_pattern():
     # it scored L_ext > 1 above.
     assert torch.allclose(hidden.l_neg, clean.l_neg, atol=1e-6) and float(hidden.l_ext.max()) < 1e-4
     assert float(nyquist_lowpass(board[None, None]).abs().max()) < 1e-6
+
+
+
+def test_nyquist_loss_sees_a_period_2_pattern_and_nothing_else():
+    """Issue 13: the Nyquist coefficients are the amplitudes of the three period-2 patterns (and 0
+    for a smooth image); the loss enters the total with its weight, covers the reblurred
+    unlabeled outputs too, and carries gradients."""
+    from napari_mpt_deblur.losses.efcr import nyquist_coefficients, nyquist_l1
+
+    inp, gt = _batch(4, n=4)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    patterns = torch.stack([(-1.0) ** yy, (-1.0) ** xx, (-1.0) ** (yy + xx)])
+    amplitudes = torch.tensor([0.03, -0.02, 0.01])
+    coeffs = nyquist_coefficients((amplitudes[:, None, None] * patterns).sum(0)[None, None])
+    assert torch.allclose(coeffs[0, 0], amplitudes, atol=1e-7)
+    smooth = torch.cos(2 * torch.pi * (yy + 3 * xx) / 32)[None, None] + 5  # periodic, far below Nyquist
+    assert float(nyquist_coefficients(smooth).abs().max()) < 1e-6
+    assert float(nyquist_l1(inp + 0.02 * patterns[1], inp)) == pytest.approx(0.02 / 3, rel=1e-5)
+    # A pattern whose sign follows the content cancels over the whole image, not per block.
+    flipping = torch.cat([patterns[1], -patterns[1]], dim=0)[None, None]  # (1, 1, 64, 32)
+    assert float(nyquist_coefficients(flipping).abs().max()) < 1e-7
+    assert nyquist_coefficients(flipping, 32).shape == (1, 1, 2, 1, 3)
+    assert float(nyquist_l1(flipping, torch.zeros_like(flipping))) == pytest.approx(1 / 3, rel=1e-6)
+
+    scale = torch.tensor(1.0, requires_grad=True)
+    net = lambda x: scale * x + 0.02 * patterns[1]  # noqa: E731
+    plain = EFCRObjective(EFCRConfig(beta=0.0))(single_scale(net), inp, gt)
+    terms = EFCRObjective(EFCRConfig(beta=0.0, nyquist_weight=2.0))(single_scale(net), inp, gt)
+    assert plain.nyquist is None
+    assert float(terms.nyquist) == pytest.approx(float(nyquist_l1(net(inp), gt)), rel=1e-6)
+    assert float(terms.total) == pytest.approx(float(plain.total) + 2.0 * float(terms.nyquist), rel=1e-6)
+    assert terms.as_floats()["nyquist"] == pytest.approx(float(terms.nyquist))
+    # Unlabeled EFCRex: the reblurred images' outputs are compared with the images themselves.
+    unlabeled = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(9))
+    sizes = [3, 5, 7, 3]
+    with_cr = EFCRObjective(EFCRConfig(beta=1.0, nyquist_weight=2.0))(single_scale(net), inp, gt, extra_inp=unlabeled,
+                                                                     reblur_sizes=sizes)
+    from napari_mpt_deblur.losses.efcr import random_reblur
+
+    b_in = random_reblur(unlabeled, (3, 5, 7), None, sizes)[0]
+    expected = nyquist_l1(net(inp), gt) + nyquist_l1(net(b_in), unlabeled)
+    assert float(with_cr.nyquist) == pytest.approx(float(expected), rel=1e-5)
+    with_cr.total.backward()
+    assert scale.grad is not None

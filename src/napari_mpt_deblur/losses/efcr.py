@@ -14,6 +14,9 @@ Notation (per sample i, all distances are mean absolute differences):
 * EFCRex, unlabeled extra images U: ``L+`` and ``L-`` from the labeled batch, ``L_ext'`` from U
   (``B_in' = reblur(U)``, ``B_out' = net(B_in')``), sample i of one batch paired with sample i of
   the other. This is the napari fine-tune.
+* Nyquist-coefficient loss (ours, ``EFCRConfig.nyquist_weight``, on in the fine-tuner): the L1
+  distance between the period-2 Fourier coefficients of each 32 x 32 block of every output and of
+  its reference, which stops a fine-tune from growing a pattern locked to the pixel grid.
 
 Unlike the authors' public code, which computes the CR term under ``torch.no_grad()`` (so it
 never trains anything), every term here carries gradients. The network runs ONCE per step on the
@@ -62,6 +65,14 @@ class EFCRConfig(BaseModel):
     #: whose response is zero at the Nyquist frequency: a period-2 pattern then changes no
     #: contrastive distance, so the term cannot reward one (only the pixel loss sees it).
     below_nyquist: bool = False
+    #: Weight of the Nyquist-coefficient loss (ours, not the paper's; 0: off):
+    #: :func:`nyquist_l1` between each output and its reference (ground truth; for the
+    #: reblurred unlabeled images, the image before the reblur). Stride-2 layers (pooling,
+    #: nearest upsampling followed by a convolution and a nonlinearity) let a network add a faint
+    #: period-2 pattern locked to its own pixel grid, mostly in noisy background; the pixel L1
+    #: barely sees it (its gradient follows the sign of much larger residuals), the Nyquist bins of
+    #: the output's spectrum do: a 200-step fine-tune grew one (issue 13; docs/training.md).
+    nyquist_weight: float = Field(0.0, ge=0.0)
 
     @field_validator("reblur_kernel_sizes")
     @classmethod
@@ -160,6 +171,36 @@ def extended_cr(b_out: torch.Tensor, b_in: torch.Tensor, inp: torch.Tensor, eps:
     return per_sample_l1(high(b_out), h_b_in) / (per_sample_l1(high(inp), h_b_in) + eps)
 
 
+#: Side of the blocks whose Nyquist coefficients :func:`nyquist_l1` compares, in pixels: a
+#: period-2 pattern whose sign follows the content (e.g. from unbalanced sub-pixel phases) is
+#: coherent over a few tens of pixels, and would cancel in one mean over a whole patch.
+NYQUIST_BLOCK = 32
+
+
+def nyquist_coefficients(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H // block, W // block, 3): the Fourier coefficients of each
+    ``block`` x ``block`` block at the three Nyquist points, (1/2, 0), (0, 1/2) and (1/2, 1/2)
+    cycles/pixel, divided by the block's area: its means of ``x`` times the sign patterns
+    (-1)^y, (-1)^x and (-1)^(x+y). A period-2 pattern of amplitude ``a`` adds ``a`` to its
+    coefficient. ``block`` None, or not an even divisor of both H and W: one block, the whole image."""
+    b, c, h, w = x.shape
+    if block is None or block % 2 or h % block or w % block:
+        bh, bw = h, w
+    else:
+        bh = bw = block
+    blocks = x.reshape(b, c, h // bh, bh, w // bw, bw)
+    sy = (1.0 - 2.0 * (torch.arange(bh, device=x.device) % 2).to(x.dtype)).view(bh, 1)
+    sx = 1.0 - 2.0 * (torch.arange(bw, device=x.device) % 2).to(x.dtype)
+    rows = (blocks * sx).mean(dim=-1)  # (B, C, nY, bh, nX): each block row against (-1)^x
+    return torch.stack([(blocks.mean(dim=-1) * sy).mean(dim=-2), rows.mean(dim=-2), (rows * sy).mean(dim=-2)], dim=-1)
+
+
+def nyquist_l1(out: torch.Tensor, ref: torch.Tensor, block: int | None = NYQUIST_BLOCK) -> torch.Tensor:
+    """Mean |difference| of the blockwise Nyquist coefficients (:func:`nyquist_coefficients`) of
+    ``out`` and ``ref``, (B, C, H, W) each: a scalar."""
+    return (nyquist_coefficients(out.float(), block) - nyquist_coefficients(ref.float(), block)).abs().mean()
+
+
 def contrastive_ratio(l_pos: torch.Tensor, l_neg: torch.Tensor, l_ext: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     """``mean_i(L+_i / (L-_i + L_ext_i))`` (L_ext omitted when None): a scalar."""
     denom = l_neg if l_ext is None else l_neg + l_ext
@@ -176,10 +217,11 @@ class LossTerms:
     l_pos: torch.Tensor | None = None
     l_neg: torch.Tensor | None = None
     l_ext: torch.Tensor | None = None
+    nyquist: torch.Tensor | None = None
 
     def as_floats(self) -> dict[str, float]:
         out = {"loss": float(self.total.detach()), "pixel": float(self.pixel.detach())}
-        for name in ("cr", "l_pos", "l_neg", "l_ext"):
+        for name in ("cr", "l_pos", "l_neg", "l_ext", "nyquist"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = float(value.detach().float().mean())
@@ -251,8 +293,9 @@ class EFCRObjective:
             chunks = [main_scales[-1]] + [forward_scales(p)[-1] for p in parts[1:]]
         full = main_scales[-1]
         pixel = multiscale_l1(main_scales, gt) if len(main_scales) > 1 else F.l1_loss(full[:n].float(), gt.float())
+        nyq = nyquist_l1(full, gt) if cfg.nyquist_weight > 0 else None
         if not use_cr:
-            return LossTerms(total=pixel, pixel=pixel)
+            return LossTerms(total=pixel if nyq is None else pixel + cfg.nyquist_weight * nyq, pixel=pixel, nyquist=nyq)
 
         out = chunks.pop(0).float()
         extra_out = chunks.pop(0).float() if extra_gt is not None else None
@@ -272,4 +315,10 @@ class EFCRObjective:
         l_ext = None if b_out is None else extended_cr(band(b_out), band(b_in.float()), band(cr_inp.float()), cfg.eps)
         capped = l_ext if l_ext is None or cfg.extended_cap is None else l_ext.clamp(max=cfg.extended_cap)
         cr = contrastive_ratio(l_pos, l_neg, capped, cfg.eps)
-        return LossTerms(total=pixel + cfg.beta * cr, pixel=pixel, cr=cr, l_pos=l_pos, l_neg=l_neg, l_ext=l_ext)
+        total = pixel + cfg.beta * cr
+        if nyq is not None:  # the outputs of the other parts, against their references
+            for o, ref in ((extra_out, extra_gt), (b_out if cfg.extended_grad else None, cr_inp)):
+                if o is not None:
+                    nyq = nyq + nyquist_l1(o, ref)
+            total = total + cfg.nyquist_weight * nyq
+        return LossTerms(total=total, pixel=pixel, cr=cr, l_pos=l_pos, l_neg=l_neg, l_ext=l_ext, nyquist=nyq)

@@ -61,14 +61,21 @@ def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, Normalisati
 #: steps move every weight by about the full learning rate whatever its gradient (its moment
 #: estimates are still empty), which unbalanced the four phases of the first H2T weights' stride-2
 #: transposed convolutions within 7 steps. Runs shorter than this never reach the full learning
-#: rate: a gentle fine-tune, by design. Longer fine-tunes grew a strong checkerboard through the
-#: contrastive term, which rewards high-frequency difference from the blurry input (a period-2
-#: pattern is the cheapest); the fine-tuner therefore measures its contrastive distances below the
-#: Nyquist frequency (``EFCRConfig.below_nyquist``) and caps ``L_ext`` (``extended_cap``).
-#: Measured, 200 default steps on the demo image (Nyquist energy ratio, input 1.07): paper loss
-#: 1224, capped 98 (both from the phase-tied first weights), capped + below Nyquist 13.8 (from the
-#: shipped weights; 9.4 at beta 0.01): far smaller, still not the input's (docs/training.md).
+#: rate: a gentle fine-tune, by design.
 FINETUNE_WARMUP_STEPS = 50
+
+
+#: Weight of the Nyquist-coefficient loss in a fine-tune (``EFCRConfig.nyquist_weight``; issue
+#: 13). Longer fine-tunes grew a period-2 pattern locked to the network's pixel grid (its sign
+#: stays when the input moves by one pixel), mostly in the noisy background, where max-pooling
+#: and nearest upsampling followed by a convolution and a nonlinearity make the output depend on
+#: the grid's parity. The contrastive term rewarded it (it raises high-band differences from the
+#: blurry input: hence ``extended_cap`` and ``below_nyquist``) and nothing resisted it (the pixel
+#: L1's gradient follows the signs of residuals a hundred times larger). Nyquist energy ratio of
+#: the demo image after 200 default steps from the shipped H2T (input 1.07): 13.8 without this
+#: loss, 5.0 with beta 1e-6 (so not only the contrastive term), 2.64 at weight 1, see
+#: docs/training.md for the weight chosen.
+FINETUNE_NYQUIST_WEIGHT = 10.0
 
 
 def finetune_warmup(steps: int) -> int:
@@ -169,7 +176,7 @@ class FineTuner(TrainerJob):
             patch=patch_cfg,
             batch_size=batch,
             steps=steps,
-            efcr=EFCRConfig(beta=beta, below_nyquist=True),
+            efcr=EFCRConfig(beta=beta, below_nyquist=True, nyquist_weight=FINETUNE_NYQUIST_WEIGHT),
             optim=OptimConfig(lr=lr, lr_min=min(lr, 1e-6),
                               warmup_steps=finetune_warmup(steps) if warmup_steps is None else warmup_steps),
             precision=precision,

@@ -25,7 +25,7 @@ from .config import config_json
 if TYPE_CHECKING:  # annotation only: the trainer imports this module
     from .trainer import StepRecord
 
-LOG_COLUMNS = ("step", "lr", "loss", "pixel", "cr", "l_pos", "l_neg", "l_ext", "grad_norm", "seconds", "patches_per_s")
+LOG_COLUMNS = ("step", "lr", "loss", "pixel", "cr", "l_pos", "l_neg", "l_ext", "nyquist", "grad_norm", "seconds", "patches_per_s")
 VAL_COLUMNS = ("step", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
 
 
