@@ -66,7 +66,7 @@ def test_a_long_default_finetune_does_not_grow_a_grid_locked_pattern():
     Measured at this scale from the shipped H2T on the demo image (input 1.07): 14.0 without the
     fine-tuner's Nyquist-coefficient loss, 4.1 with it; the full-scale run (batch 4, patch 128,
     benchmarks/bench_checkerboard.py) gives 0.94 with it. The test fails above 7: it catches the
-    loss being switched off or weakened, which the 7-step test above cannot."""
+    loss being switched off (not a small change of its weight), which the 7-step test above cannot."""
     import torch
 
     from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings

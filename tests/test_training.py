@@ -107,6 +107,31 @@ def test_refuses_to_overwrite_a_run_and_detects_corrupt_checkpoints(sharp_dir, t
         Trainer(changed, resume=True)
 
 
+def test_resume_reads_a_checkpoint_written_before_new_loss_settings_existed(sharp_dir, tmp_path):
+    """A checkpoint whose saved ``efcr`` lacks fields added later (here ``nyquist_weight``,
+    ``below_nyquist``, ``extended_cap``) resumes when they are at their defaults; a real change of
+    the objective is still refused."""
+    cfg = parse_config(_config(sharp_dir, tmp_path / "run", steps=4))
+    first = Trainer(cfg)
+    for record in first.steps():
+        if record.step == 2:
+            first.stop()
+    state_path = tmp_path / "run/checkpoints/step_00000002/state.json"
+    state = json.loads(state_path.read_text())
+    for key in ("nyquist_weight", "below_nyquist", "extended_cap"):
+        del state["config"]["efcr"][key]
+    state_path.write_text(json.dumps(state))
+    changed = parse_config(_config(sharp_dir, tmp_path / "run", steps=4, efcr={"nyquist_weight": 1.0}))
+    with pytest.raises(CheckpointError, match="different 'efcr' setting"):
+        Trainer(changed, resume=True)
+    second = Trainer(cfg, resume=True)
+    assert second.step == 2
+    second.run()
+    assert second.step == 4
+    header = (tmp_path / "run/log.csv").read_text().splitlines()[0].split(",")
+    assert "nyquist" in header and len((tmp_path / "run/log.csv").read_text().splitlines()) == 5
+
+
 def test_stop_keeps_weights_and_generator_reports_losses(sharp_dir, tmp_path):
     cfg = _config(sharp_dir, tmp_path / "run", steps=50)
     cfg["validation"] = {"data": {"kind": "synthetic", "sharp": str(sharp_dir), "max_images": 1, "defocus_um": [6.0]},

@@ -15,8 +15,10 @@ Notation (per sample i, all distances are mean absolute differences):
   (``B_in' = reblur(U)``, ``B_out' = net(B_in')``), sample i of one batch paired with sample i of
   the other. This is the napari fine-tune.
 * Nyquist-coefficient loss (ours, ``EFCRConfig.nyquist_weight``, on in the fine-tuner): the L1
-  distance between the period-2 Fourier coefficients of each 32 x 32 block of every output and of
-  its reference, which stops a fine-tune from growing a pattern locked to the pixel grid.
+  distance between the period-2 Fourier coefficients of each 32 x 32 block of an output and of its
+  reference, summed over the outputs that carry gradients (main batch vs GT; extra labeled batch
+  vs its GT; reblurred inputs vs the images before the reblur), which stops a fine-tune from
+  growing a pattern locked to the pixel grid.
 
 Unlike the authors' public code, which computes the CR term under ``torch.no_grad()`` (so it
 never trains anything), every term here carries gradients. The network runs ONCE per step on the
@@ -65,13 +67,14 @@ class EFCRConfig(BaseModel):
     #: whose response is zero at the Nyquist frequency: a period-2 pattern then changes no
     #: contrastive distance, so the term cannot reward one (only the pixel loss sees it).
     below_nyquist: bool = False
-    #: Weight of the Nyquist-coefficient loss (ours, not the paper's; 0: off):
-    #: :func:`nyquist_l1` between each output and its reference (ground truth; for the
-    #: reblurred unlabeled images, the image before the reblur). Stride-2 layers (pooling,
-    #: nearest upsampling followed by a convolution and a nonlinearity) let a network add a faint
-    #: period-2 pattern locked to its own pixel grid, mostly in noisy background; the pixel L1
-    #: barely sees it (its gradient follows the sign of much larger residuals), the Nyquist bins of
-    #: the output's spectrum do: a 200-step fine-tune grew one (issue 13; docs/training.md).
+    #: Weight of the Nyquist-coefficient loss (ours, not the paper's; 0: off): :func:`nyquist_l1`
+    #: between each output that carries gradients and its reference (ground truth; for the
+    #: reblurred inputs, the images before the reblur), summed over those outputs, so the logged
+    #: ``nyquist`` is a sum of one to three terms depending on the mode. Pooling and nearest
+    #: upsampling followed by a convolution and a nonlinearity let a network add a faint period-2
+    #: pattern locked to its own pixel grid, mostly in noisy background; the pixel L1 barely sees
+    #: it (its gradient follows the signs of much larger residuals), these coefficients do: a
+    #: 200-step fine-tune grew one (issue 13; docs/training.md).
     nyquist_weight: float = Field(0.0, ge=0.0)
 
     @field_validator("reblur_kernel_sizes")
@@ -178,17 +181,22 @@ NYQUIST_BLOCK = 32
 
 
 def nyquist_coefficients(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H // block, W // block, 3): the Fourier coefficients of each
-    ``block`` x ``block`` block at the three Nyquist points, (1/2, 0), (0, 1/2) and (1/2, 1/2)
-    cycles/pixel, divided by the block's area: its means of ``x`` times the sign patterns
-    (-1)^y, (-1)^x and (-1)^(x+y). A period-2 pattern of amplitude ``a`` adds ``a`` to its
-    coefficient. ``block`` None, or not an even divisor of both H and W: one block, the whole image."""
+    """(B, C, H, W) -> (B, C, nY, nX, 3): the Fourier coefficients of each ``block`` x ``block``
+    block at the three Nyquist points, (1/2, 0), (0, 1/2) and (1/2, 1/2) cycles/pixel, divided by
+    the block's area: its means of ``x`` times the sign patterns (-1)^y, (-1)^x and (-1)^(x+y). A
+    period-2 pattern of amplitude ``a`` adds ``a`` to its coefficient. Along an axis the blocks
+    tile the largest multiple of ``block`` (the rest is left out); an axis shorter than ``block``,
+    or ``block`` None, is one block of its largest even length (an odd length would let the mean
+    brightness leak into the coefficients)."""
     b, c, h, w = x.shape
-    if block is None or block % 2 or h % block or w % block:
-        bh, bw = h, w
-    else:
-        bh = bw = block
-    blocks = x.reshape(b, c, h // bh, bh, w // bw, bw)
+    if block is not None and block % 2:
+        raise ValueError(f"the Nyquist block side must be even, got {block}")
+    bh = block if block is not None and h >= block else h // 2 * 2
+    bw = block if block is not None and w >= block else w // 2 * 2
+    if bh == 0 or bw == 0:
+        raise ValueError(f"nyquist_coefficients needs at least 2 x 2 pixels, got {h} x {w}")
+    ny, nx = h // bh, w // bw
+    blocks = x[..., : ny * bh, : nx * bw].reshape(b, c, ny, bh, nx, bw)
     sy = (1.0 - 2.0 * (torch.arange(bh, device=x.device) % 2).to(x.dtype)).view(bh, 1)
     sx = 1.0 - 2.0 * (torch.arange(bw, device=x.device) % 2).to(x.dtype)
     rows = (blocks * sx).mean(dim=-1)  # (B, C, nY, bh, nX): each block row against (-1)^x
@@ -197,7 +205,7 @@ def nyquist_coefficients(x: torch.Tensor, block: int | None = None) -> torch.Ten
 
 def nyquist_l1(out: torch.Tensor, ref: torch.Tensor, block: int | None = NYQUIST_BLOCK) -> torch.Tensor:
     """Mean |difference| of the blockwise Nyquist coefficients (:func:`nyquist_coefficients`) of
-    ``out`` and ``ref``, (B, C, H, W) each: a scalar."""
+    ``out`` and ``ref``, (B, C, H, W) each: a scalar, computed in float32 (under autocast too)."""
     return (nyquist_coefficients(out.float(), block) - nyquist_coefficients(ref.float(), block)).abs().mean()
 
 

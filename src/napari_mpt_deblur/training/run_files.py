@@ -29,6 +29,24 @@ LOG_COLUMNS = ("step", "lr", "loss", "pixel", "cr", "l_pos", "l_neg", "l_ext", "
 VAL_COLUMNS = ("step", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
 
 
+def _with_defaults(key: str, value: Any) -> Any:
+    """A setting read from an older checkpoint, with the fields added since filled in with their
+    defaults (JSON form), so that e.g. an ``efcr`` saved before ``nyquist_weight`` existed
+    compares equal to today's same objective. Unreadable values are returned as they are."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import TrainConfig
+
+    field = TrainConfig.model_fields.get(key)
+    if field is None or value is None:
+        return value
+    try:
+        adapter = TypeAdapter(field.annotation)
+        return json.loads(adapter.dump_json(adapter.validate_python(value)))
+    except (ValidationError, TypeError, ValueError):
+        return value
+
+
 class RunFiles:
     """Logs, checkpoints and the final model of a :class:`~napari_mpt_deblur.training.trainer.Trainer`."""
 
@@ -124,7 +142,7 @@ class RunFiles:
         saved = ckpt.state.get("config", {})
         ours = json.loads(config_json(self.config))
         for key in ("model", "batch_size", "seed", "patch", "efcr"):
-            if saved.get(key) != ours.get(key):
+            if _with_defaults(key, saved.get(key)) != ours.get(key):
                 raise C.CheckpointError(
                     f"{ckpt.folder / 'state.json'}: cannot resume with a different '{key}' setting "
                     f"(checkpoint: {json.dumps(saved.get(key))}, config: {json.dumps(ours.get(key))})"
