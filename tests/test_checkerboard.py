@@ -30,6 +30,16 @@ def test_ratio_separates_a_checkerboard_from_camera_noise():
         nyquist_energy_ratio(np.zeros((4, 4)))
 
 
+def _restored_ratio(net, record, image, **settings) -> float:
+    """Nyquist energy ratio of ``image`` restored on the CPU by ``net`` (with ``record``'s
+    normalisation), engine settings as given."""
+    from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings
+    from napari_mpt_deblur.models.registry import LoadedModel
+
+    engine = Deblurrer(LoadedModel(net, record, None), InferenceSettings(device="cpu", **settings))
+    return nyquist_energy_ratio(engine.deblur_plane(image))
+
+
 @pytest.mark.slow
 def test_a_short_default_finetune_does_not_grow_a_checkerboard():
     """7 steps at the default learning rate and warm-up, as in the issue. Measured with the first
@@ -41,22 +51,16 @@ def test_a_short_default_finetune_does_not_grow_a_checkerboard():
     with it (input 1.07; docs/training.md). tests/test_finetune_cli.py checks that loss is on."""
     import torch
 
-    from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings
-    from napari_mpt_deblur.models.registry import LoadedModel, load_model
+    from napari_mpt_deblur.models.registry import load_model
     from napari_mpt_deblur.training.finetune import FineTuner
 
     torch.manual_seed(0)
     image = defocused_bbbc006()
     crop = image[132:388, 220:476]
     base = load_model("h2t-unet-fluo")
-
-    def ratio(net) -> float:
-        engine = Deblurrer(LoadedModel(net, base.record, None), InferenceSettings(device="cpu"))
-        return nyquist_energy_ratio(engine.deblur_plane(crop))
-
-    start = ratio(base.model)
+    start = _restored_ratio(base.model, base.record, crop)
     result = FineTuner("h2t-unet-fluo", [image], steps=7, batch=1, device="cpu").run()
-    after = ratio(result.model)
+    after = _restored_ratio(result.model, base.record, crop)
     assert after < 2.5 * start, f"Nyquist energy ratio {start:.0f} -> {after:.0f} after 7 default fine-tune steps"
 
 
@@ -69,16 +73,14 @@ def test_a_long_default_finetune_does_not_grow_a_grid_locked_pattern():
     loss being switched off (not a small change of its weight), which the 7-step test above cannot."""
     import torch
 
-    from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings
-    from napari_mpt_deblur.models.registry import LoadedModel, load_model
+    from napari_mpt_deblur.models.registry import load_model
     from napari_mpt_deblur.training.finetune import FineTuner
 
     torch.manual_seed(0)
     image = defocused_bbbc006()
     base = load_model("h2t-unet-fluo")
     result = FineTuner(base, [image], steps=200, batch=1, patch=64, device="cpu").run()
-    engine = Deblurrer(LoadedModel(result.model, base.record, None), InferenceSettings(device="cpu", tile=1024))
-    after = nyquist_energy_ratio(engine.deblur_plane(image))
+    after = _restored_ratio(result.model, base.record, image, tile=1024)
     assert after < 7, f"Nyquist energy ratio {after:.2f} after 200 default fine-tune steps (input {nyquist_energy_ratio(image):.2f})"
 
 

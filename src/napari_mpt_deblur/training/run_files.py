@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import TypeAdapter
 
 from .._version import __version__
 from ..io.atomic import write_text_atomic
 from . import checkpoint as C
-from .config import config_json
+from .config import TrainConfig, config_json
 
 if TYPE_CHECKING:  # annotation only: the trainer imports this module
     from .trainer import StepRecord
@@ -33,17 +34,13 @@ def _with_defaults(key: str, value: Any) -> Any:
     """A setting read from an older checkpoint, with the fields added since filled in with their
     defaults (JSON form), so that e.g. an ``efcr`` saved before ``nyquist_weight`` existed
     compares equal to today's same objective. Unreadable values are returned as they are."""
-    from pydantic import TypeAdapter, ValidationError
-
-    from .config import TrainConfig
-
     field = TrainConfig.model_fields.get(key)
     if field is None or value is None:
         return value
     try:
         adapter = TypeAdapter(field.annotation)
         return json.loads(adapter.dump_json(adapter.validate_python(value)))
-    except (ValidationError, TypeError, ValueError):
+    except (TypeError, ValueError):  # pydantic's ValidationError is a ValueError
         return value
 
 
