@@ -3,6 +3,7 @@ a short real calibration run through the library and the CLI, and the saved mode
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ import tifffile
 from napari_mpt_deblur.cli import main
 from napari_mpt_deblur.data.optics import Acquisition, parse_immersion
 from napari_mpt_deblur.data.samples import in_focus_bbbc006
+from napari_mpt_deblur.losses.efcr import WARM_START_NYQUIST_WEIGHT
 from napari_mpt_deblur.models.registry import ModelNameError, read_record
 from napari_mpt_deblur.training import calibrate as cal
 
@@ -117,6 +119,8 @@ def test_bundled_sharp_images_are_training_split_and_not_doubled(micro_model_pat
     calibrator = cal.Calibrator(small_settings(micro_model_path, use_bundled=True), again, work_dir=tmp_path / "w")
     assert len(calibrator.train_names) + len(calibrator.val_names) == 16
     assert "mine" in calibrator.train_names + calibrator.val_names
+    # A calibration is a warm start: the guard against a grid-locked period-2 pattern is on (issue 13).
+    assert calibrator.config.efcr.nyquist_weight == WARM_START_NYQUIST_WEIGHT > 0
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -130,6 +134,8 @@ def test_calibration_runs_in_budget_and_the_record_holds_the_optics(micro_model_
     assert calibrator.start_validation is not None and calibrator.start_validation["step"] == 0
     result = calibrator.run()
     assert result.steps_done >= 1 and result.best is not None
+    logged = list(csv.DictReader((tmp_path / "work" / "log.csv").open(encoding="utf-8")))
+    assert logged and all(float(row["nyquist"]) >= 0 for row in logged)  # the Nyquist loss ran
     assert calibrator.trainer.budget_used <= 60 * settings.time_budget_minutes * 1.5
     with pytest.raises(ModelNameError):
         calibrator.save("h2t-unet-fluo")  # a shipped name is refused

@@ -243,11 +243,21 @@ def test_benchmark_command_end_to_end(tmp_path, shared_data, stardist_model, tin
     assert float(by[("", "sharp")]["mean_ap"]) > float(by[("12", "input")]["mean_ap"])
     per_image = list(csv.DictReader((out / "per_image.csv").open()))
     assert len(per_image) == 2 * (1 + 2 * 5) and {r["image"] for r in per_image} == set(names)
+    # Every output's checkerboard energy is reported; the sharp row is the mean over the sharp images.
+    from napari_mpt_deblur.evaluation.spectral import nyquist_energy_ratio
+
+    sharp_ratios = [float(r["nyquist_ratio"]) for r in per_image if r["method"] == "sharp"]
+    assert float(by[("", "sharp")]["nyquist_ratio"]) == pytest.approx(np.mean(sharp_ratios))
+    first_sharp = tifffile.imread(sharp / f"{names[0]}.tif").astype(np.float64)
+    # A ratio of powers of mean-subtracted blocks: the benchmark's [0, 1] scaling does not change it.
+    first_row = next(r for r in per_image if r["method"] == "sharp" and r["image"] == names[0])
+    assert float(first_row["nyquist_ratio"]) == pytest.approx(nyquist_energy_ratio(first_sharp), rel=1e-4)
+    assert all(float(r["nyquist_ratio"]) > 0 for r in summary)
     config = json.loads((out / "config.json").read_text())
     assert set(config["wiener_balance"]) == {"4.0", "12.0"}
     assert config["config"]["peak_photons"] == 1000.0 and config["config"]["seed"] == 0
     md = (out / "summary.md").read_text()
-    assert "| 12 | wiener |" in md and "UNTRAINED" in md and "TRUE PSF" in md
+    assert "| 12 | wiener |" in md and "UNTRAINED" in md and "TRUE PSF" in md and "| SSIM | Nyquist |" in md
     # Same seed, same numbers: the noise is seeded per image and defocus.
     first = (out / "per_image.csv").read_text().splitlines()
     assert main(args) == EXIT_ERROR and "already holds benchmark results" in capsys.readouterr().err

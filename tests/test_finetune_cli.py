@@ -13,8 +13,9 @@ from napari_mpt_deblur.cli import main
 from napari_mpt_deblur.data.psf import PSFParams
 from napari_mpt_deblur.data.samples import defocused_bbbc006, in_focus_bbbc006
 from napari_mpt_deblur.data.synthesis import synthesize_defocus
+from napari_mpt_deblur.losses.efcr import WARM_START_NYQUIST_WEIGHT
 from napari_mpt_deblur.models.registry import load_model
-from napari_mpt_deblur.training.finetune import FINETUNE_NYQUIST_WEIGHT, FineTuner, finetune
+from napari_mpt_deblur.training.finetune import FineTuner, finetune
 
 #: The same tiny MPT as conftest.MICRO_MPT (the micro_model_path fixture), as a config.
 MICRO = {"preset": "micro", "dim": 8, "heads": (1, 2), "scales": ((0.5, 1.0), (1.0, 1.0)), "window_size": 4}
@@ -59,7 +60,7 @@ def test_finetuner_stops_cleanly_and_saves_with_provenance(micro_model_path, tmp
     assert rec.training["finetuned_from"] == "micro" and rec.training["steps"] == 2
     assert rec.training["unlabeled_images"] == [[128, 128]]
     efcr = tuner.config.efcr
-    assert efcr.nyquist_weight == FINETUNE_NYQUIST_WEIGHT > 0 and efcr.below_nyquist and efcr.extended_cap == 1.0
+    assert efcr.nyquist_weight == WARM_START_NYQUIST_WEIGHT > 0 and efcr.below_nyquist and efcr.extended_cap == 1.0
     with pytest.raises(FileExistsError):
         tuner.save(tmp_path / "tuned")
 

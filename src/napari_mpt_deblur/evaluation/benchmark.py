@@ -39,6 +39,7 @@ from ..inference.settings import TileSide
 from ..io.atomic import write_text_atomic
 from ..io.paths import TIFF_SUFFIXES, list_images
 from .compare import rows_to_csv
+from .spectral import nyquist_energy_ratio
 from .matching import IOU_CURVE, IOU_THRESHOLDS, MatchingReport, gap_recovered, match_labels, pool_counts
 from .benchmark_report import MIN_AP_GAP, _ap_plot, _image_grid, _write_config, summary_markdown
 
@@ -387,6 +388,7 @@ def run_benchmark(
         t_img = time.perf_counter()
         ref_labels = im.labels
         sharp_row: dict[str, Any] = {"image": im.name, "defocus_um": "", "method": "sharp", "psnr": math.inf, "ssim": 1.0,
+                                     "nyquist_ratio": nyquist_energy_ratio(im.sharp01),
                                      "seconds": 0.0, "megapixels": im.sharp01.size / 1e6}
         if segmenter is not None:
             sharp_labels = segmenter(im.sharp01)
@@ -407,7 +409,8 @@ def run_benchmark(
                 restored = np.asarray(restore(blurred), dtype=np.float32)
                 seconds = time.perf_counter() - t0 if spec.kind != "input" else 0.0
                 row = {"image": im.name, "defocus_um": d, "method": spec.key, "psnr": psnr(restored, im.sharp01),
-                       "ssim": ssim(restored, im.sharp01), "seconds": seconds, "megapixels": restored.size / 1e6}
+                       "ssim": ssim(restored, im.sharp01), "nyquist_ratio": nyquist_energy_ratio(restored),
+                       "seconds": seconds, "megapixels": restored.size / 1e6}
                 if segmenter is not None:
                     labels = segmenter(restored)
                     row["n_objects"] = int(len(np.unique(labels)) - 1)
@@ -452,7 +455,9 @@ def summarise(
     sharp = pooled((None, "sharp"))
     sharp_counts = [r["n_objects"] for r in per_image if r["method"] == "sharp" and "n_objects" in r]
     rows.append({"defocus_um": "", "method": "sharp", "images": sum(r["method"] == "sharp" for r in per_image),
-                 "psnr": math.inf, "ssim": 1.0, **sharp, "ap_gap_recovered": 1.0 if sharp else "",
+                 "psnr": math.inf, "ssim": 1.0,
+                 "nyquist_ratio": float(np.mean([r["nyquist_ratio"] for r in per_image if r["method"] == "sharp"])),
+                 **sharp, "ap_gap_recovered": 1.0 if sharp else "",
                  "n_objects": float(np.mean(sharp_counts)) if sharp_counts else "", "sec_per_mp": ""})
     for d in defocus:
         base = pooled((d, "input"))
@@ -465,6 +470,7 @@ def summarise(
             rows.append({
                 "defocus_um": d, "method": m, "images": len(sel),
                 "psnr": float(np.mean([r["psnr"] for r in sel])), "ssim": float(np.mean([r["ssim"] for r in sel])),
+                "nyquist_ratio": float(np.mean([r["nyquist_ratio"] for r in sel])),
                 **ap, "ap_gap_recovered": gap, "n_objects": float(np.mean(counts)) if counts else "",
                 "sec_per_mp": (sum(r["seconds"] for r in sel) / mp) if m != "input" and mp else "",
             })

@@ -41,6 +41,20 @@ from .haar import high, low_high
 from .multiscale import multiscale_l1
 
 
+#: ``nyquist_weight`` for training that starts from trained weights (the napari fine-tune and the
+#: calibration; issue 13). Warm-started runs grew a period-2 pattern locked to the network's pixel
+#: grid (its sign stays when the input moves by one pixel), mostly in the noisy background, where
+#: pooling and nearest upsampling followed by a convolution and a nonlinearity make the output
+#: depend on the grid's parity. The contrastive term rewarded it (hence ``extended_cap`` and
+#: ``below_nyquist``) and nothing resisted it (the pixel L1's gradient follows the signs of
+#: residuals a hundred times larger). Nyquist energy ratio of the demo image (input 1.07) after
+#: 200 default fine-tune steps from the shipped H2T: 13.8 without this loss, 5.0 with beta 1e-6
+#: (so not only the contrastive term), 2.64 at weight 1, 0.94 at 10; after a 12-minute
+#: calibration without it, 4.45 (docs/training.md section 6, docs/calibrate.md). Training from
+#: scratch keeps the paper's objective (0) unless a config sets it.
+WARM_START_NYQUIST_WEIGHT = 10.0
+
+
 class EFCRConfig(BaseModel):
     """Settings of the contrastive regulariser."""
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import datasets as D
 from ..data.optics import OPTICS_FLAGS, Acquisition
-from ..losses.efcr import EFCRConfig
+from ..losses.efcr import WARM_START_NYQUIST_WEIGHT, EFCRConfig
 from .config import ArraysSource, ArraysValidation, ModelChoice, OptimConfig, TrainConfig, ValidationConfig
 from .trainer import StepRecord, Trainer, TrainerJob
 
@@ -76,6 +76,9 @@ class CalibrationSettings(BaseModel):
     patch_scale: tuple[float, float] = (1.0, 1.0)
     #: Weight of the contrastive term (the paper's 1e-5: larger values grow a period-2 texture, issue 13).
     beta: float = Field(1e-5, gt=0)
+    #: Weight of the Nyquist-coefficient loss, which keeps a warm start from growing a period-2
+    #: pattern locked to the pixel grid (0: off, the paper's objective).
+    nyquist_weight: float = Field(WARM_START_NYQUIST_WEIGHT, ge=0)
     use_bundled: bool = True
     validation_images: int = Field(4, ge=1)
     validation_crop: int = Field(256, ge=32)
@@ -271,7 +274,8 @@ class Calibrator(TrainerJob):
             patch=patch_cfg,
             batch_size=s.batch_size,
             steps=1_000_000,
-            efcr=EFCRConfig(beta=s.beta, extended=bool(unlabeled), extended_grad=bool(unlabeled)),
+            efcr=EFCRConfig(beta=s.beta, extended=bool(unlabeled), extended_grad=bool(unlabeled),
+                            nyquist_weight=s.nyquist_weight),
             optim=OptimConfig(lr=s.lr, lr_min=min(s.lr, 1e-6), warmup_steps=s.warmup_steps),
             precision=s.precision,
             device=s.device,

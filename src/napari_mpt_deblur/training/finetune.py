@@ -28,7 +28,7 @@ from torch import nn
 from ..data import datasets as D
 from ..data.normalisation import NormalisationConfig
 from ..data.synthesis import DefocusRange
-from ..losses.efcr import EFCRConfig
+from ..losses.efcr import WARM_START_NYQUIST_WEIGHT, EFCRConfig
 from .config import ArraysSource, OptimConfig, TrainConfig
 from .trainer import StepRecord, Trainer, TrainerJob
 
@@ -63,19 +63,6 @@ def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, Normalisati
 #: transposed convolutions within 7 steps. Runs shorter than this never reach the full learning
 #: rate: a gentle fine-tune, by design.
 FINETUNE_WARMUP_STEPS = 50
-
-
-#: Weight of the Nyquist-coefficient loss in a fine-tune (``EFCRConfig.nyquist_weight``; issue
-#: 13). Longer fine-tunes grew a period-2 pattern locked to the network's pixel grid (its sign
-#: stays when the input moves by one pixel), mostly in the noisy background, where max-pooling
-#: and nearest upsampling followed by a convolution and a nonlinearity make the output depend on
-#: the grid's parity. The contrastive term rewarded it (it raises high-band differences from the
-#: blurry input: hence ``extended_cap`` and ``below_nyquist``) and nothing resisted it (the pixel
-#: L1's gradient follows the signs of residuals a hundred times larger). Nyquist energy ratio of
-#: the demo image after 200 default steps from the shipped H2T (input 1.07): 13.8 without this
-#: loss, 5.0 with beta 1e-6 (so not only the contrastive term), 2.64 at weight 1, see
-#: docs/training.md for the weight chosen.
-FINETUNE_NYQUIST_WEIGHT = 10.0
 
 
 def finetune_warmup(steps: int) -> int:
@@ -176,7 +163,7 @@ class FineTuner(TrainerJob):
             patch=patch_cfg,
             batch_size=batch,
             steps=steps,
-            efcr=EFCRConfig(beta=beta, below_nyquist=True, nyquist_weight=FINETUNE_NYQUIST_WEIGHT),
+            efcr=EFCRConfig(beta=beta, below_nyquist=True, nyquist_weight=WARM_START_NYQUIST_WEIGHT),
             optim=OptimConfig(lr=lr, lr_min=min(lr, 1e-6),
                               warmup_steps=finetune_warmup(steps) if warmup_steps is None else warmup_steps),
             precision=precision,
