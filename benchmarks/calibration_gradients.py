@@ -1,0 +1,117 @@
+"""Does a calibration's training pull the same way as its validation? (issue 17, docs/calibrate.md)
+
+At the starting weights, averages the gradient of the calibration's training loss over a number of
+batches and compares it (cosine similarity) with the gradient of the L1 loss on the calibration's
+held-back validation pairs (each normalised by its own percentiles, as inference does). A
+negative cosine means that training steps make the validation worse, whatever the learning rate.
+The batches can be drawn from the training images as the calibration does (``--images train``),
+from their U2OS or non-U2OS part, or from the held-back images through the same pipeline
+(``--images held-back``: the pipeline's own consistency). The cosine between the gradients of the
+even and the odd batches says how far the average is from noise.
+
+    .venv/bin/python benchmarks/calibration_gradients.py --images train --matched-noise
+
+Prints one table row per loss term. CPU, one thread, about two minutes per call for H2T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_mpt_deblur.data import datasets as D
+from napari_mpt_deblur.data.normalisation import normalise, percentile_range
+from napari_mpt_deblur.data.optics import BENCHMARK_OPTICS
+from napari_mpt_deblur.training import calibrate as cal
+from napari_mpt_deblur.training.trainer import _psf_banks
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).clone()
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm() + 1e-20))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="h2t-unet-fluo")
+    ap.add_argument("--images", choices=["train", "u2os", "other", "held-back"], default="train")
+    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--matched-noise", action="store_true",
+                    help="train at the validation's noise (1000 photons, read noise 3) instead of 200-5000 / 1-5")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    noise = {"peak_photons": (1000.0, 1000.0), "read_sigma_photons": (3.0, 3.0)} if args.matched_noise else {}
+    settings = cal.CalibrationSettings(model=args.model, optics=BENCHMARK_OPTICS, time_budget_minutes=1.0, **noise)
+    sharp = cal.read_sharp([SHARED / "u2os_nuclei" / "images"], "u2os_train_and_val")
+    calibrator = cal.Calibrator(settings, sharp, work_dir=Path(tempfile.mkdtemp()))
+    trainer = calibrator.trainer
+    bundled = cal.bundled_sharp()
+    pool = dict(zip(list(sharp.names) + list(bundled.names), list(sharp.images) + list(bundled.images)))
+    if args.images != "train":
+        names = list(calibrator.val_names) if args.images == "held-back" else [
+            n for n in calibrator.train_names if (not n.startswith("bundled/")) == (args.images == "u2os")]
+        draws = settings.optics.defocus_range(settings.training_defocus_um(), settings.peak_photons,
+                                              settings.read_sigma_photons).model_copy(update={"max_kernel": cal.CALIBRATION_MAX_KERNEL})
+        patch = D.PatchConfig(size=settings.patch, normalisation=calibrator.normalisation, scale=settings.patch_scale)
+        trainer.train_data = D.SyntheticPatches([pool[n] for n in names], patch, draws, seed=settings.seed, names=names)
+        trainer.banks = _psf_banks(trainer.train_data, trainer.extra_data)
+    params = [p for p in trainer.net.parameters() if p.requires_grad]
+
+    def zero() -> None:
+        for p in params:
+            p.grad = None
+
+    zero()
+    for pair in trainer.val_pairs:
+        inp = np.asarray(pair.inp, np.float32)
+        lo, hi = percentile_range(inp, calibrator.normalisation.low, calibrator.normalisation.high)
+        x = torch.from_numpy(normalise(inp, lo, hi))[None, None]
+        y = torch.from_numpy(normalise(np.asarray(pair.gt, np.float32), lo, hi))[None, None]
+        (torch.nn.functional.l1_loss(trainer.forward(x)[-1], y) / len(trainer.val_pairs)).backward()
+    g_val = _flat_grad(params)
+
+    weight = trainer.config.efcr.nyquist_weight
+    sums: dict[str, torch.Tensor] = {}
+    halves = [torch.zeros_like(g_val), torch.zeros_like(g_val)]
+    batches = trainer._batches(0)
+    for k in range(args.batches):
+        idx, batch, _ = next(batches)
+        m = trainer._materialise(batch)
+        terms = trainer.objective(trainer.forward, m["inp"], m["gt"], reblur_sizes=trainer._reblur_sizes(idx))
+        nyquist = weight * terms.nyquist if terms.nyquist is not None else None
+        parts = {"pixel": terms.pixel, "nyquist": nyquist,
+                 "contrastive": terms.total - terms.pixel - (nyquist if nyquist is not None else 0)}
+        for name, term in parts.items():
+            if term is not None and term.requires_grad:
+                zero()
+                term.backward(retain_graph=True)
+                sums[name] = sums.get(name, 0) + _flat_grad(params)
+        zero()
+        terms.total.backward()
+        g = _flat_grad(params)
+        sums["total"] = sums.get("total", 0) + g
+        halves[k % 2] += g
+
+    print(f"model {args.model}; batches from: {args.images} ({len(trainer.train_data.images)} images); "
+          f"noise {'matched to validation' if args.matched_noise else 'as calibrated'}; "
+          f"validation: {len(trainer.val_pairs)} pairs of {list(calibrator.val_names)}")
+    print("| term | gradient norm | cosine with validation gradient |")
+    print("|---|---|---|")
+    for name, g in sums.items():
+        g = g / args.batches
+        print(f"| {name} | {float(g.norm()):.4g} | {_cosine(g, g_val):+.3f} |")
+    print(f"noise check: cosine between the even and the odd batches' total gradients {_cosine(*halves):+.3f}")
+
+
+if __name__ == "__main__":
+    main()
