@@ -4,7 +4,8 @@ At the starting weights, averages the gradient of the calibration's training los
 batches and compares it (cosine similarity) with the gradient of the L1 loss on the calibration's
 held-back validation pairs (each normalised by its own percentiles, as inference does). A
 negative cosine means that training steps make the validation worse, whatever the learning rate.
-The batches can be drawn from the training images as the calibration does (``--images train``),
+The brightness direction (the gradient of the mean output level on the validation inputs) says
+how much of either gradient is a global offset. The batches can be drawn from the training images as the calibration does (``--images train``),
 from their U2OS or non-U2OS part, or from the held-back images through the same pipeline
 (``--images held-back``: the pipeline's own consistency). The cosine between the gradients of the
 even and the odd batches says how far the average is from noise.
@@ -71,14 +72,19 @@ def main() -> None:
         for p in params:
             p.grad = None
 
-    zero()
-    for pair in trainer.val_pairs:
-        inp = np.asarray(pair.inp, np.float32)
-        lo, hi = percentile_range(inp, calibrator.normalisation.low, calibrator.normalisation.high)
-        x = torch.from_numpy(normalise(inp, lo, hi))[None, None]
-        y = torch.from_numpy(normalise(np.asarray(pair.gt, np.float32), lo, hi))[None, None]
-        (torch.nn.functional.l1_loss(trainer.forward(x)[-1], y) / len(trainer.val_pairs)).backward()
-    g_val = _flat_grad(params)
+    def validation_gradient(loss_of) -> torch.Tensor:
+        zero()
+        for pair in trainer.val_pairs:
+            inp = np.asarray(pair.inp, np.float32)
+            lo, hi = percentile_range(inp, calibrator.normalisation.low, calibrator.normalisation.high)
+            x = torch.from_numpy(normalise(inp, lo, hi))[None, None]
+            y = torch.from_numpy(normalise(np.asarray(pair.gt, np.float32), lo, hi))[None, None]
+            (loss_of(trainer.forward(x)[-1], y) / len(trainer.val_pairs)).backward()
+        return _flat_grad(params)
+
+    g_val = validation_gradient(torch.nn.functional.l1_loss)
+    # The direction that brightens every output: the gradient of the mean output level.
+    g_bright = validation_gradient(lambda out, y: out.mean())
 
     weight = trainer.config.efcr.nyquist_weight
     sums: dict[str, torch.Tensor] = {}
@@ -105,11 +111,12 @@ def main() -> None:
     print(f"model {args.model}; batches from: {args.images} ({len(trainer.train_data.images)} images); "
           f"noise {'matched to validation' if args.matched_noise else 'as calibrated'}; "
           f"validation: {len(trainer.val_pairs)} pairs of {list(calibrator.val_names)}")
-    print("| term | gradient norm | cosine with validation gradient |")
-    print("|---|---|---|")
+    print(f"cosine of the validation gradient with the brightness direction: {_cosine(g_val, g_bright):+.3f}")
+    print("| term | gradient norm | cosine with validation gradient | cosine with brightness direction |")
+    print("|---|---|---|---|")
     for name, g in sums.items():
         g = g / args.batches
-        print(f"| {name} | {float(g.norm()):.4g} | {_cosine(g, g_val):+.3f} |")
+        print(f"| {name} | {float(g.norm()):.4g} | {_cosine(g, g_val):+.3f} | {_cosine(g, g_bright):+.3f} |")
     print(f"noise check: cosine between the even and the odd batches' total gradients {_cosine(*halves):+.3f}")
 
 
