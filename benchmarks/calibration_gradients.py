@@ -28,7 +28,6 @@ from napari_mpt_deblur.data import datasets as D
 from napari_mpt_deblur.data.normalisation import normalise, percentile_range
 from napari_mpt_deblur.data.optics import BENCHMARK_OPTICS
 from napari_mpt_deblur.training import calibrate as cal
-from napari_mpt_deblur.training.trainer import _psf_banks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -61,11 +60,10 @@ def main() -> None:
     if args.images != "train":
         names = list(calibrator.val_names) if args.images == "held-back" else [
             n for n in calibrator.train_names if (not n.startswith("bundled/")) == (args.images == "u2os")]
-        draws = settings.optics.defocus_range(settings.training_defocus_um(), settings.peak_photons,
-                                              settings.read_sigma_photons).model_copy(update={"max_kernel": cal.CALIBRATION_MAX_KERNEL})
-        patch = D.PatchConfig(size=settings.patch, normalisation=calibrator.normalisation, scale=settings.patch_scale)
-        trainer.train_data = D.SyntheticPatches([pool[n] for n in names], patch, draws, seed=settings.seed, names=names)
-        trainer.banks = _psf_banks(trainer.train_data, trainer.extra_data)
+        # The calibration's own patch settings and defocus draws (so also its PSF bank, which the
+        # trainer already holds): only the images change.
+        own = trainer.train_data
+        trainer.train_data = D.SyntheticPatches([pool[n] for n in names], own.patch, own.defocus, seed=own.seed, names=names)
     params = [p for p in trainer.net.parameters() if p.requires_grad]
 
     def zero() -> None:

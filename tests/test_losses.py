@@ -243,7 +243,6 @@ def test_extended_term_is_capped_and_the_lowpass_hides_a_period_2_pattern():
     assert float(nyquist_lowpass(board[None, None]).abs().max()) < 1e-6
 
 
-
 def test_nyquist_loss_sees_a_period_2_pattern_and_nothing_else():
     """Issue 13: the Nyquist coefficients are the amplitudes of the three period-2 patterns (and 0
     for a smooth image); the loss enters the total with its weight, covers the reblurred

@@ -39,9 +39,9 @@ from ..inference.settings import TileSide
 from ..io.atomic import write_text_atomic
 from ..io.paths import TIFF_SUFFIXES, list_images
 from .compare import rows_to_csv
-from .spectral import nyquist_energy_ratio
 from .matching import IOU_CURVE, IOU_THRESHOLDS, MatchingReport, gap_recovered, match_labels, pool_counts
 from .benchmark_report import MIN_AP_GAP, _ap_plot, _image_grid, _write_config, summary_markdown
+from .spectral import nyquist_energy_ratio
 
 OUTPUT_FILES = ("summary.md", "summary.csv", "per_image.csv", "config.json", "benchmark.png", "ap_vs_iou.png")
 
