@@ -7,7 +7,8 @@ negative cosine means that training steps make the validation worse, whatever th
 The brightness direction (the gradient of the mean output level on the validation inputs) says
 how much of either gradient is a global offset. The batches can be drawn from the training images as the calibration does (``--images train``),
 from their U2OS or non-U2OS part, or from the held-back images through the same pipeline
-(``--images held-back``: the pipeline's own consistency). The cosine between the gradients of the
+(``--images held-back``: the pipeline's own consistency), or one row per training image
+(``--images per-image``: are a few images the pull, or all of them?). The cosine between the gradients of the
 even and the odd batches says how far the average is from noise.
 
     .venv/bin/python benchmarks/calibration_gradients.py --images train --matched-noise
@@ -43,7 +44,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="h2t-unet-fluo")
-    ap.add_argument("--images", choices=["train", "u2os", "other", "held-back"], default="train")
+    ap.add_argument("--images", choices=["train", "u2os", "other", "held-back", "per-image"], default="train")
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--matched-noise", action="store_true",
                     help="train at the validation's noise (1000 photons, read noise 3) instead of 200-5000 / 1-5")
@@ -57,7 +58,7 @@ def main() -> None:
     trainer = calibrator.trainer
     bundled = cal.bundled_sharp()
     pool = dict(zip(list(sharp.names) + list(bundled.names), list(sharp.images) + list(bundled.images)))
-    if args.images != "train":
+    if args.images not in ("train", "per-image"):
         names = list(calibrator.val_names) if args.images == "held-back" else [
             n for n in calibrator.train_names if (not n.startswith("bundled/")) == (args.images == "u2os")]
         # The calibration's own patch settings and defocus draws (so also its PSF bank, which the
@@ -84,28 +85,51 @@ def main() -> None:
     # The direction that brightens every output: the gradient of the mean output level.
     g_bright = validation_gradient(lambda out, y: out.mean())
 
-    weight = trainer.config.efcr.nyquist_weight
-    sums: dict[str, torch.Tensor] = {}
-    halves = [torch.zeros_like(g_val), torch.zeros_like(g_val)]
-    batches = trainer._batches(0)
-    for k in range(args.batches):
-        idx, batch, _ = next(batches)
-        m = trainer._materialise(batch)
-        terms = trainer.objective(trainer.forward, m["inp"], m["gt"], reblur_sizes=trainer._reblur_sizes(idx))
-        nyquist = weight * terms.nyquist if terms.nyquist is not None else None
-        parts = {"pixel": terms.pixel, "nyquist": nyquist,
-                 "contrastive": terms.total - terms.pixel - (nyquist if nyquist is not None else 0)}
-        for name, term in parts.items():
-            if term is not None and term.requires_grad:
-                zero()
-                term.backward(retain_graph=True)
-                sums[name] = sums.get(name, 0) + _flat_grad(params)
-        zero()
-        terms.total.backward()
-        g = _flat_grad(params)
-        sums["total"] = sums.get("total", 0) + g
-        halves[k % 2] += g
+    def training_gradient(batches_count: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], float]:
+        """Mean gradient per loss term over ``batches_count`` batches, the even/odd batch sums and
+        the mean of (output - truth) over the batches' patches (normalised units)."""
+        weight = trainer.config.efcr.nyquist_weight
+        sums: dict[str, torch.Tensor] = {}
+        halves = [torch.zeros_like(g_val), torch.zeros_like(g_val)]
+        offsets = []
+        batches = trainer._batches(0)
+        for k in range(batches_count):
+            idx, batch, _ = next(batches)
+            m = trainer._materialise(batch)
+            terms = trainer.objective(trainer.forward, m["inp"], m["gt"], reblur_sizes=trainer._reblur_sizes(idx))
+            with torch.no_grad():
+                offsets.append(float((trainer.forward(m["inp"])[-1] - m["gt"]).mean()))
+            nyquist = weight * terms.nyquist if terms.nyquist is not None else None
+            parts = {"pixel": terms.pixel, "nyquist": nyquist,
+                     "contrastive": terms.total - terms.pixel - (nyquist if nyquist is not None else 0)}
+            for name, term in parts.items():
+                if term is not None and term.requires_grad:
+                    zero()
+                    term.backward(retain_graph=True)
+                    sums[name] = sums.get(name, 0) + _flat_grad(params)
+            zero()
+            terms.total.backward()
+            g = _flat_grad(params)
+            sums["total"] = sums.get("total", 0) + g
+            halves[k % 2] += g
+        return {name: g / batches_count for name, g in sums.items()}, halves, float(np.mean(offsets))
 
+    if args.images == "per-image":
+        own = trainer.train_data
+        print(f"model {args.model}; {args.batches} batches from each training image alone; validation: "
+              f"{len(trainer.val_pairs)} pairs of {list(calibrator.val_names)}")
+        print("| image | total gradient norm | cosine with validation gradient | cosine with brightness direction "
+              "| mean output - truth |")
+        print("|---|---|---|---|---|")
+        for name in calibrator.train_names:
+            trainer.train_data = D.SyntheticPatches([pool[name]], own.patch, own.defocus, seed=own.seed, names=[name])
+            sums, _, offset = training_gradient(args.batches)
+            g = sums["total"]
+            print(f"| {name} | {float(g.norm()):.4g} | {_cosine(g, g_val):+.3f} | {_cosine(g, g_bright):+.3f} "
+                  f"| {offset:+.5f} |", flush=True)
+        return
+
+    sums, halves, offset = training_gradient(args.batches)
     print(f"model {args.model}; batches from: {args.images} ({len(trainer.train_data.images)} images); "
           f"noise {'matched to validation' if args.matched_noise else 'as calibrated'}; "
           f"validation: {len(trainer.val_pairs)} pairs of {list(calibrator.val_names)}")
@@ -113,9 +137,9 @@ def main() -> None:
     print("| term | gradient norm | cosine with validation gradient | cosine with brightness direction |")
     print("|---|---|---|---|")
     for name, g in sums.items():
-        g = g / args.batches
         print(f"| {name} | {float(g.norm()):.4g} | {_cosine(g, g_val):+.3f} | {_cosine(g, g_bright):+.3f} |")
     print(f"noise check: cosine between the even and the odd batches' total gradients {_cosine(*halves):+.3f}")
+    print(f"mean output - truth over the training batches (normalised units): {offset:+.5f}")
 
 
 if __name__ == "__main__":

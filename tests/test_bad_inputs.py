@@ -304,6 +304,11 @@ CASES = [
          setup=lambda c: (c.ws / "c.yaml").write_text("stepz: 10\n")),
     Case("train-config-not-a-mapping", ["train", "--config", "c.yaml"], 1, "expected a mapping",
          setup=lambda c: (c.ws / "c.yaml").write_text("- a\n- b\n")),
+    Case("train-trainable-typo", ["train", "--config", "c.yaml"], 1,
+         "model.trainable 'upsamplers' names no parameter of the network", absent=("run",),
+         setup=lambda c: (c.ws / "c.yaml").write_text(
+             "out_dir: run\nsteps: 1\ndevice: cpu\nmodel: {init: micro, trainable: [upsamplers]}\n"
+             "data: [{kind: synthetic, sharp: ., names: [in]}]\npatch: {size: 32}\n")),
     Case("export-without-checkpoints", ["export", "run", "m"], 1, "no 'best' checkpoint",
          setup=lambda c: (c.ws / "run").mkdir()),
     # ---- evaluate / compare ----

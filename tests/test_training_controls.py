@@ -156,6 +156,29 @@ def test_warm_start_from_a_model_file(sharp_dir, tmp_path, capsys):
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
 
 
+def test_trainable_trains_only_the_named_modules(sharp_dir, tmp_path):
+    torch.manual_seed(4)
+    start = build_model(MPTConfig(**MICRO_MPT))
+    path = save_model(start, tmp_path / "start", name="start")
+    cfg = parse_config(_config(sharp_dir, tmp_path / "part", steps=2,
+                               model={"init": str(path), "trainable": ["ups", "head"]}))
+    trainer = Trainer(cfg)
+    trainer.run()
+    before, after = start.state_dict(), trainer.net.state_dict()
+    trained = {k for k in before if k.startswith(("ups.", "head."))}
+    assert trained and len(trained) < len(before)
+    for k in before:
+        assert torch.equal(before[k], after[k]) != (k in trained), k  # the named ones moved, the rest are bit-identical
+    assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) == sum(
+        start.state_dict()[k].numel() for k in trained)
+
+    typo = parse_config(_config(sharp_dir, tmp_path / "typo", model={"init": str(path), "trainable": ["upsamplers"]}))
+    with pytest.raises(ValueError, match="model.trainable 'upsamplers' names no parameter of the network; "
+                                         "its top-level modules are .*ups"):
+        Trainer(typo)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_patch_must_be_a_multiple_of_the_models_size_multiple(sharp_dir, tmp_path):
     cfg = _config(sharp_dir, tmp_path / "p", model={"arch": "h2t_unet", "preset": "paper"}, patch={"size": 96})
     with pytest.raises(ValueError, match="patch.size 96 is not a multiple of 64, the size multiple of h2t_unet/paper; "

@@ -54,6 +54,11 @@ class ModelChoice(_Strict):
     #: Start from this model (name or path) instead of random weights; its architecture is used.
     init: str | None = None
     in_channels: int = Field(1, ge=1, le=16)
+    #: Train only the parameters whose names start with one of these module paths (e.g. ``ups``,
+    #: ``decoders.0``, ``head``); the rest are frozen (no gradient, no optimiser state, no weight
+    #: decay). None trains everything. Meant for a warm start (``init``) that should change one
+    #: part of a trained network and keep the rest.
+    trainable: list[str] | None = Field(None, min_length=1)
     #: Random init only: scale the MPT's output conv down 1000x so the untrained net
     #: (input + head(...)) is within ~1e-3 of the identity; training then improves on the input from
     #: the first step instead of first unlearning the random head's noise. (Not exactly zero:

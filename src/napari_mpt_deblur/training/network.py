@@ -62,6 +62,35 @@ def build_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
 HEAD_INIT_SCALE = 1e-3
 
 
+def freeze_all_but(net: nn.Module, prefixes: Sequence[str] | None) -> list[nn.Parameter]:
+    """The parameters of ``net`` to train: those whose names are one of ``prefixes`` or start with
+    one followed by a dot (a module path: ``"decoders.0"`` matches ``decoders.0.x`` but not
+    ``decoders.01``); every other parameter gets ``requires_grad = False``. None: all of them.
+
+    Raises ``ValueError`` naming the prefix that matches nothing, and the network's top-level
+    modules, so that a typo does not silently freeze the whole network."""
+    named = list(net.named_parameters())
+    if prefixes is None:
+        return [p for _, p in named]
+
+    def matches(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    for prefix in prefixes:
+        if not any(matches(name, prefix) for name, _ in named):
+            tops = sorted({name.split(".")[0] for name, _ in named})
+            raise ValueError(f"model.trainable {prefix!r} names no parameter of the network; "
+                             f"its top-level modules are {', '.join(tops)} (a module path such as "
+                             f"'{tops[0]}' or '{tops[0]}.0')")
+    trained = []
+    for name, param in named:
+        keep = any(matches(name, prefix) for prefix in prefixes)
+        param.requires_grad_(keep)
+        if keep:
+            trained.append(param)
+    return trained
+
+
 def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
     """Linear warm-up, then cosine from ``lr`` to ``lr_min`` over the remaining steps (step 0-based).
 

@@ -49,6 +49,7 @@ from .network import (  # noqa: F401
     build_network,
     check_patch_size,
     evaluate_pairs,
+    freeze_all_but,
     lr_at,
 )
 from .parallel import DistInfo, _StepBatches, dist_from_env, init_distributed, resolve_workers  # noqa: F401
@@ -167,7 +168,8 @@ class Trainer(RunFiles):
         else:
             self._accumulate = contextlib.nullcontext
         o = config.optim
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.trained_params = freeze_all_but(self.net, config.model.trainable)
+        self.optimizer = torch.optim.AdamW(self.trained_params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.amp = autocast_dtype(config.precision, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp == torch.float16)
 
@@ -266,7 +268,7 @@ class Trainer(RunFiles):
         grad_norm = None
         if self.config.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.optim.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained_params, self.config.optim.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return totals, grad_norm
