@@ -16,6 +16,7 @@ from napari_mpt_deblur.data.samples import in_focus_bbbc006
 from napari_mpt_deblur.losses.efcr import WARM_START_NYQUIST_WEIGHT
 from napari_mpt_deblur.models.registry import ModelNameError, read_record
 from napari_mpt_deblur.training import calibrate as cal
+from napari_mpt_deblur.training.network import gain_standard_errors, significant_gain
 
 SPEC_OPTICS = Acquisition(na=0.45, wavelength_um=0.461, pixel_um=0.645)
 
@@ -134,6 +135,15 @@ def test_calibration_runs_in_budget_and_the_record_holds_the_optics(micro_model_
     assert calibrator.start_validation is not None and calibrator.start_validation["step"] == 0
     result = calibrator.run()
     assert result.steps_done >= 1 and result.best is not None
+    # Every validation scores each held-back pair; the verdict states the gain in standard errors.
+    assert len(result.best["psnr_pairs"]) == len(calibrator.trainer.val_pairs) == 8
+    start, best = calibrator.start_validation, result.best
+    verdict = calibrator.verdict()
+    assert verdict.startswith(f"best validation PSNR {best['psnr']:.2f} dB at step {best['step']}")
+    if best["step"] == 0:
+        assert "the starting model: no checkpoint beat it" in verdict
+    else:
+        assert f"{gain_standard_errors(best, start):.1f} standard errors of its 8 per-pair differences" in verdict
     logged = list(csv.DictReader((tmp_path / "work" / "log.csv").open(encoding="utf-8")))
     assert logged and all(float(row["nyquist"]) >= 0 for row in logged)  # the Nyquist loss ran
     assert calibrator.trainer.budget_used <= 60 * settings.time_budget_minutes * 1.5
@@ -159,6 +169,50 @@ def test_calibration_runs_in_budget_and_the_record_holds_the_optics(micro_model_
     assert resumed.trainer.step == result.steps_done
     assert resumed.start_validation["psnr"] == pytest.approx(result.start_validation["psnr"])
     assert resumed.run().steps_done > result.steps_done
+
+
+def test_a_checkpoint_must_beat_the_best_by_more_than_the_validations_noise():
+    rng = np.random.default_rng(0)
+    old = {"psnr": 32.0, "psnr_pairs": list(32.0 + rng.normal(0, 1, 16))}
+
+    def shifted(pairs_shift):
+        pairs = np.asarray(old["psnr_pairs"]) + pairs_shift
+        return {"psnr": float(np.mean(pairs)) - np.mean(old["psnr_pairs"]) + old["psnr"], "psnr_pairs": list(pairs)}
+
+    spread = rng.normal(0, 0.26, 16)  # the 0.26 dB per-pair spread measured in a real calibration
+    noisy = shifted(spread - spread.mean() + 0.03)  # +0.03 dB on average: 0.5 standard errors
+    clear = shifted(spread - spread.mean() + 0.30)  # +0.30 dB: about 4.6 standard errors
+    assert noisy["psnr"] == pytest.approx(32.03) and clear["psnr"] == pytest.approx(32.30)
+    assert 0.2 < gain_standard_errors(noisy, old) < 1.0 and gain_standard_errors(clear, old) > 3
+    assert not significant_gain(noisy, old, 2.0)
+    assert significant_gain(clear, old, 2.0)
+    assert significant_gain(noisy, old, 0.0)  # 0: any higher mean counts
+    assert not significant_gain(shifted(np.full(16, -0.01)), old, 0.0)  # a loss never counts
+    assert significant_gain({"psnr": 32.03}, old, 2.0)  # no per-pair scores (an older run): any gain
+    assert significant_gain({"psnr": 32.03, "psnr_pairs": [32.0] * 15}, old, 2.0)  # other pairs: any gain
+
+
+def test_min_gain_keeps_the_start_unless_a_checkpoint_clears_it(micro_model_path, tmp_path, capsys):
+    """The trainer applies the margin: with an unreachable one, the start stays the best and the
+    CLI says why."""
+    sharp = tmp_path / "sharp.tif"
+    tifffile.imwrite(sharp, in_focus_bbbc006()[:200, :240])
+    code = main(["calibrate", "--model", str(micro_model_path), "--na", "0.45", "--wavelength", "0.461",
+                 "--pixel", "0.645", "--sharp", str(sharp), "--no-bundled", "--time-budget", "0.1", "--patch", "32",
+                 "--batch", "2", "--validate-every", "2", "--min-gain-se", "1e9", "--held-back", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "work")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = list(csv.DictReader((tmp_path / "work" / "val.csv").open(encoding="utf-8")))
+    # Later checkpoints validated higher (the untrained micro model improves at every step), yet
+    # none replaced the start.
+    assert len(rows) >= 2 and max(float(r["psnr"]) for r in rows[1:]) > float(rows[0]["psnr"])
+    assert "at step 0 (the starting model: no checkpoint beat it" in captured.out
+    assert "by more than 1e+09 standard errors of its per-pair differences" in captured.err
+    training = read_record(tmp_path / "m.json").training
+    assert training["exported_from"] == {"checkpoint": "best", "step": 0}
+    assert training["calibration"]["settings"]["min_gain_se"] == 1e9
+    assert training["calibration"]["settings"]["validation_images"] == 1
 
 
 def test_cli_reads_optics_from_ome_metadata_and_reports_them(micro_model_path, tmp_path, capsys):

@@ -404,7 +404,7 @@ class CalibrateWidget(Container):
             # After an error too: the checkpoints so far are on disk and can be saved.
             self.save_button.enabled = True
             how = "stopped" if trainer.stopped else "finished"
-            best = f"; best validation PSNR {trainer.best['psnr']:.2f} dB" if trainer.best else ""
+            best = f"; {self.calibrator.verdict()}" if trainer.best else ""
             done = f"after {trainer.step} steps in {trainer.budget_used / 60:.1f} min{best}"
             self.status.value = (f"{self._error} ({done}; the weights so far can be saved)" if self._error
                                  else f"{how} {done}; save the model to use it")

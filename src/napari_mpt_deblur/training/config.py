@@ -40,6 +40,10 @@ class ValidationConfig(_Strict):
     data: Annotated[SyntheticValidation | PairedValidation | ArraysValidation, Field(discriminator="kind")]
     every: int = Field(250, ge=1, description="validate every N steps (and at the end)")
     crop: int | None = Field(256, ge=16, description="centre crop of each validation image (None = whole)")
+    #: A validation becomes the new "best" only if its mean PSNR beats the best's by more than this
+    #: many standard errors of the per-pair PSNR differences (``network.significant_gain``);
+    #: 0: any higher mean.
+    min_gain_se: float = Field(0.0, ge=0.0)
 
 
 # --------------------------------------------------------------------------------------------

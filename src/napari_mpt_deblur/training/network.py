@@ -115,14 +115,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 @torch.no_grad()
 def evaluate_pairs(model: nn.Module, pairs: Sequence[D.Pair], device: torch.device,
-                   amp: torch.dtype | None = None, norm: NormalisationConfig | None = None) -> dict[str, float]:
+                   amp: torch.dtype | None = None, norm: NormalisationConfig | None = None,
+                   per_pair: bool = False) -> dict[str, Any]:
     """Mean PSNR / SSIM (data range 1, reference units) of the model and of the input itself.
 
     Each input is restored by the inference engine's plane restorer
     (:class:`~napari_mpt_deblur.inference.restorer.PlaneRestorer`: normalised by its own
     percentiles, tiled, run with out-of-memory back-off, mapped back), so a validation score
     measures what inference does. ``amp`` (the training autocast dtype) is used on GPUs; CPU
-    validation runs in fp32, as CPU inference does.
+    validation runs in fp32, as CPU inference does. ``per_pair``: also ``"psnr_pairs"``, the
+    model's PSNR on each pair in order (what :func:`gain_standard_errors` compares).
     """
     from ..inference.restorer import PlaneRestorer
 
@@ -141,8 +143,37 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[D.Pair], device: torch.devi
             in_s.append(ssim(pair.inp, pair.gt))
     finally:
         model.train(was_training)
-    return {"psnr": float(np.mean(out_p)), "ssim": float(np.mean(out_s)),
-            "input_psnr": float(np.mean(in_p)), "input_ssim": float(np.mean(in_s))}
+    scores: dict[str, Any] = {"psnr": float(np.mean(out_p)), "ssim": float(np.mean(out_s)),
+                              "input_psnr": float(np.mean(in_p)), "input_ssim": float(np.mean(in_s))}
+    if per_pair:
+        scores["psnr_pairs"] = [float(v) for v in out_p]
+    return scores
+
+
+def gain_standard_errors(new: dict[str, Any], old: dict[str, Any]) -> float | None:
+    """Mean per-pair PSNR gain of validation ``new`` over ``old`` (the same pairs, in the same
+    order) in standard errors of the per-pair differences: how far the gain stands above the
+    validation's own noise. None without per-pair scores on both sides or with fewer than two
+    pairs; +-inf when every pair moved by the same amount."""
+    a, b = new.get("psnr_pairs"), old.get("psnr_pairs")
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return None
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = float(diff.std(ddof=1)) / math.sqrt(diff.size)
+    mean = float(diff.mean())
+    if se == 0.0:
+        return math.copysign(math.inf, mean) if mean else 0.0
+    return mean / se
+
+
+def significant_gain(new: dict[str, Any], old: dict[str, Any], standard_errors: float) -> bool:
+    """Whether validation ``new`` beats ``old``: a higher mean PSNR and, when ``standard_errors``
+    > 0 and both have per-pair scores, a gain of more than that many standard errors
+    (:func:`gain_standard_errors`)."""
+    if new["psnr"] <= old["psnr"]:
+        return False
+    z = gain_standard_errors(new, old) if standard_errors > 0 else None
+    return z is None or z > standard_errors
 
 
 def check_patch_size(patch: int, net: nn.Module) -> None:

@@ -51,6 +51,7 @@ from .network import (  # noqa: F401
     evaluate_pairs,
     freeze_all_but,
     lr_at,
+    significant_gain,
 )
 from .parallel import DistInfo, _StepBatches, dist_from_env, init_distributed, resolve_workers  # noqa: F401
 from .run_files import LOG_COLUMNS, VAL_COLUMNS, RunFiles  # noqa: F401
@@ -414,7 +415,8 @@ class Trainer(RunFiles):
             self._barrier()
             return None
         t0 = time.perf_counter()
-        metrics = evaluate_pairs(self.net, self.val_pairs, self.device, self.amp, self.config.patch.normalisation)
+        metrics = evaluate_pairs(self.net, self.val_pairs, self.device, self.amp, self.config.patch.normalisation,
+                                 per_pair=True)
         metrics["seconds"] = time.perf_counter() - t0
         metrics["step"] = self.step
         self.last_validation = metrics
@@ -424,7 +426,10 @@ class Trainer(RunFiles):
         return metrics
 
     def _is_best(self, metrics: dict[str, float]) -> bool:
-        return self.best is None or metrics["psnr"] > self.best["psnr"]
+        if self.best is None:
+            return True
+        se = self.config.validation.min_gain_se if self.config.validation is not None else 0.0
+        return significant_gain(metrics, self.best, se)
 
     def _barrier(self) -> None:
         if self.dist.active:
