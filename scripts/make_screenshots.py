@@ -7,7 +7,7 @@ Runs a real napari viewer (under Xvfb on a headless machine):
 Every shot is of a 1280 x 800 window (a laptop screen), the widget docked at its own size: the
 layout tests (tests/test_widget_layout.py) check that nothing is cut off at that size. Writes
 ``menu_layers_filter.png`` (Layers > Filter with our entries; ``--only menu`` writes just that one),
-``widget_deblur.png``, ``widget_finetune.png`` and ``widget_compare.png``. The deblur and
+``widget_deblur.png`` (``--only deblur``: the two so far), ``widget_finetune.png`` and ``widget_compare.png``. The deblur and
 compare shots use the shipped model (``--model``, default the demo's) on the real defocused
 BBBC006 sample; the fine-tune shot runs a short EFCRex fine-tune (``--finetune-steps``) on it.
 """
@@ -97,8 +97,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/images"))
     p.add_argument("--model", default=None, help="deblur model (default: the demo's shipped model)")
     p.add_argument("--finetune-steps", type=int, default=30)
-    p.add_argument("--only", choices=("menu", "all"), default="all",
-                   help="menu: only the Layers > Filter menu shot (seconds, no model run)")
+    p.add_argument("--only", choices=("menu", "deblur", "all"), default="all",
+                   help="menu: only the Layers > Filter menu shot (seconds, no model run); deblur: that and "
+                        "the Deblur widget (one model run)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -130,6 +131,9 @@ def main() -> None:
     viewer.grid.enabled = True
     viewer.reset_view()
     _shot(viewer, args.out / "widget_deblur.png", app)
+    if args.only == "deblur":
+        viewer.close()
+        return
 
     # 2. Fine-tune (a short run so the loss curve has something to show)
     viewer.layers.clear()

@@ -136,6 +136,12 @@ def _engine(ctx: Ctx):
     return Deblurrer("micro", InferenceSettings(device="cpu"))
 
 
+def _settings(**fields: Any):
+    from napari_mpt_deblur.inference.settings import InferenceSettings
+
+    return InferenceSettings(**fields)
+
+
 def _tuner(ctx: Ctx):
     from napari_mpt_deblur.training.finetune import FineTuner
 
@@ -247,6 +253,7 @@ CASES = [
     Case("predict-negative-overlap", [*P, "--overlap", "-1"], 1, "--overlap: "),
     Case("predict-bad-precision", [*P, "--precision", "fp8"], 2, "invalid choice: 'fp8'"),
     Case("predict-missing-model-flag", ["predict", "in.tif", "out.tif"], 2, "--model"),
+    Case("predict-orientations-3", [*P, "--orientations", "3"], 2, r"invalid choice: 3 \(choose from 1, 4, 8\)"),
     # ---- models ----
     Case("model-unknown-name", [*P[:3], "--model", "no-such", "--device", "cpu"], 1,
          "unknown model 'no-such'.*known models:.*micro"),
@@ -338,6 +345,7 @@ CASES = [
     Case("deblur-plane-refuses-zstack", lambda c: _engine(c).deblur_plane(np.zeros((3, 201, 101), np.float32)),
          ValueError, r"deblur_plane got shape \(3, 201, 101\).*101 channels.*deblur\(data, axes='ZYX'\)",
          issue13=True),
+    Case("settings-orientations-2", lambda c: _settings(orientations=2), ValueError, "orientations\n  Input should be 1, 4 or 8"),
     Case("deblur-plane-4d", lambda c: _engine(c).deblur_plane(np.zeros((2, 2, 32, 32), np.float32)), ValueError,
          "deblur_plane takes a 2D"),
     Case("deblur-bool-dtype", lambda c: _engine(c).deblur_plane(np.zeros((32, 32), bool)), ValueError,

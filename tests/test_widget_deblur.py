@@ -39,6 +39,7 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_wo
     before = layer.data.copy()
     widget.image.value = layer
     widget.output_dtype.value = "input"
+    widget.orientations.value = 4  # the flip average (inference.orientations) goes through to the run
     assert widget.run() is not None  # a worker started
     wait_for_worker(widget)
     out = viewer.layers["blurry deblurred (tiny-test)"]
@@ -49,7 +50,7 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_wo
     assert [str(u) for u in out.units] == ["micrometer", "micrometer"]
     meta = out.metadata["mpt_deblur"]
     assert meta["model"]["name"] == "tiny-test" and meta["axes"] == "YX"
-    assert meta["settings"]["output_dtype"] == "input"
+    assert meta["settings"]["output_dtype"] == "input" and meta["settings"]["orientations"] == 4
     assert out.metadata["source_layer"] == "blurry"
     np.testing.assert_array_equal(layer.data, before)
     assert widget.progress.value == widget.progress.max > 0

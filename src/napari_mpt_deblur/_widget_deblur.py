@@ -154,6 +154,9 @@ class DeblurWidget(Container):
         self.overlap = SpinBox(label="overlap px (-1 = auto)", min=-1, max=2048, step=8, value=-1)
         self.axes = LineEdit(label="axes (empty = from layer)", value="")
         self.output_dtype = ComboBox(label="output dtype", choices=["float32", "input"], value="float32")
+        # Averaging flipped restorations removes a model's grid pattern (inference.orientations).
+        self.orientations = ComboBox(label="orientations", value=1, choices=[
+            ("1 (fastest)", 1), ("4 flips (4x time)", 4), ("8 (8x time)", 8)])
         self.save_zarr = CheckBox(text="save to zarr (big stacks)", value=False)
         self.zarr_path = FileEdit(label="zarr path", mode="w", value="")
         self.run_button = PushButton(text="Deblur")
@@ -162,7 +165,7 @@ class DeblurWidget(Container):
         self.status = Label(value="")
         self.extend([
             self.image, self.model, self.model_file, self.device, self.tile, self.overlap, self.axes,
-            self.output_dtype, self.save_zarr, self.zarr_path, self.run_button, self.cancel_button,
+            self.output_dtype, self.orientations, self.save_zarr, self.zarr_path, self.run_button, self.cancel_button,
             self.progress, self.status,
         ])
         status_line(self.status)
@@ -263,6 +266,7 @@ class DeblurWidget(Container):
         # before any worker starts; 0 and -1 in the SpinBoxes are "auto" (None).
         settings = InferenceSettings.for_model(
             *found, device=self.device.value, output_dtype=self.output_dtype.value,
+            orientations=self.orientations.value,
             tile=int(self.tile.value) if self.tile.value > 0 else None,
             overlap=int(self.overlap.value) if self.overlap.value >= 0 else None,
         )

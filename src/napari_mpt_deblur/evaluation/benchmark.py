@@ -106,13 +106,16 @@ class MethodSpec:
     balance: float | None = None
     model: str | None = None
     arch: str | None = None
+    #: Orientations averaged per tile (``mpt:M@4``; :mod:`~napari_mpt_deblur.inference.orientations`).
+    orientations: int = 1
 
 
 _MODEL_PREFIXES = {"mpt": "mpt", "h2t": "h2t_unet", "h2t_unet": "h2t_unet", "model": None}
 
 
 def parse_method(text: str) -> MethodSpec:
-    """Parse a method name: ``input``, ``rl``, ``rlN``, ``wiener``, ``wiener:B``, ``mpt:M``, ``h2t:M``, ``model:M``."""
+    """Parse a method name: ``input``, ``rl``, ``rlN``, ``wiener``, ``wiener:B``, ``mpt:M``, ``h2t:M``,
+    ``model:M``; a model method may end in ``@4`` or ``@8``: that many orientations averaged per tile."""
     t = text.strip()
     if t == "input":
         return MethodSpec("input", "input")
@@ -135,9 +138,16 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec(t, "wiener", balance=b)
     prefix, sep, name = t.partition(":")
     if sep and prefix in _MODEL_PREFIXES and name:
-        return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix])
+        orientations = 1
+        if m := re.fullmatch(r"(.+)@(\w+)", name):
+            name, count = m.groups()
+            if count not in ("4", "8"):
+                raise ValueError(f"method {t!r}: @{count} is not an orientation count; use @4 (flips) or @8 (flips and transposes)")
+            orientations = int(count)
+        return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix], orientations=orientations)
     raise ValueError(
-        f"unknown method {t!r}: use input, rl, rlN (e.g. rl10), wiener, wiener:BALANCE, mpt:MODEL, h2t:MODEL or model:MODEL"
+        f"unknown method {t!r}: use input, rl, rlN (e.g. rl10), wiener, wiener:BALANCE, mpt:MODEL, h2t:MODEL or "
+        "model:MODEL (a model method may end in @4 or @8: orientations averaged)"
     )
 
 
@@ -163,10 +173,12 @@ class ModelRestorer:
     is repeated over its channels and the first output channel is kept.
     """
 
-    def __init__(self, name: str, device: str = "auto", arch: str | None = None, tile: int | None = None) -> None:
+    def __init__(self, name: str, device: str = "auto", arch: str | None = None, tile: int | None = None,
+                 orientations: int = 1) -> None:
         from ..inference import Deblurrer, InferenceSettings
 
-        self.engine = Deblurrer(name, InferenceSettings(device=device, tile=tile, output_dtype="float32"))
+        self.engine = Deblurrer(name, InferenceSettings(device=device, tile=tile, output_dtype="float32",
+                                                        orientations=orientations))
         self.loaded = self.engine.loaded
         self.device = self.engine.device
         found = self.loaded.record.architecture.arch
@@ -178,7 +190,7 @@ class ModelRestorer:
         r = self.loaded.record
         tile, overlap, _ = self.engine.current_tile
         return (f"{r.name} ({r.architecture.arch}/{r.architecture.preset}{'' if r.trained else ', UNTRAINED'}; "
-                f"tile {tile}, overlap {overlap})")
+                f"tile {tile}, overlap {overlap}{self.engine.settings.orientations_note})")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         img = np.asarray(image, dtype=np.float32)
@@ -362,7 +374,7 @@ def run_benchmark(
         def segmenter(img: np.ndarray) -> np.ndarray:
             return segment(img, sd_model)
 
-    models = {s.key: ModelRestorer(s.model, cfg.device, s.arch, cfg.tile) for s in specs if s.kind == "model"}
+    models = {s.key: ModelRestorer(s.model, cfg.device, s.arch, cfg.tile, s.orientations) for s in specs if s.kind == "model"}
     for key, m in models.items():
         log(f"{key}: {m.description} on {m.device}")
 

@@ -437,8 +437,10 @@ class PlaneRestorer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             from .compiled import compiled_forward  # eager unless settings.compile / the device default
+            from .orientations import average_orientations
 
-            y = compiled_forward(self, x)
+            y = average_orientations(lambda t: compiled_forward(self, t), x, self.settings.orientations,
+                                     self.settings.channels_last)
         if cuda:
             host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(y, non_blocking=True)

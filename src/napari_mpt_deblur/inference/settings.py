@@ -37,6 +37,9 @@ class InferenceSettings(BaseModel):
     * ``precision``: ``fp16``/``bf16`` autocast on GPUs only; ``auto`` is bf16 on CUDA GPUs
       that support it, fp32 elsewhere (:func:`~napari_mpt_deblur.inference.devices.resolve_precision`).
     * ``output_dtype``: ``float32``, or ``input`` (rounded and clipped for integer inputs).
+    * ``orientations``: 1 (default), 4 or 8: restore every tile in that many orientations (its four
+      flips; with 8 also those of its transpose), map back and average (:mod:`.orientations`). It
+      cancels a model's grid-locked period-2 pattern and lowers the error, at 4x or 8x the time.
     * ``normalisation_scope``: ``plane`` (default; each 2D plane scaled by its own percentiles),
       ``stack`` (one range for the whole array, from up to ~16 M sampled pixels) or ``fixed``
       (``intensity_range`` as given).
@@ -55,6 +58,7 @@ class InferenceSettings(BaseModel):
     channels_last: bool = True
     plane_batch: int | None = Field(None, ge=1, le=1024)
     pipeline: bool | None = None
+    orientations: Literal[1, 4, 8] = 1
     #: ``torch.compile`` the model for the tile shape (None: the device default, see
     #: :data:`.compiled.COMPILE_DEFAULTS`); falls back to eager with a warning when it fails.
     compile: bool | None = None
@@ -99,6 +103,12 @@ class ResolvedSettings(BaseModel):
     plane_batch: int | None = None
     pipeline: bool = True
     batch_auto: bool = False
+    orientations: Literal[1, 4, 8] = 1
+
+    @property
+    def orientations_note(self) -> str:
+        """``", 4 orientations averaged"`` for a log line; empty for a single pass."""
+        return f", {self.orientations} orientations averaged" if self.orientations > 1 else ""
 
 
 @dataclass(frozen=True)
@@ -155,5 +165,5 @@ def resolve_settings(settings: InferenceSettings, device: Any, size_multiple: in
         output_dtype=settings.output_dtype, normalisation_scope=settings.normalisation_scope,
         intensity_range=settings.intensity_range, channels_last=settings.channels_last,
         size_multiple=size_multiple, plane_batch=settings.plane_batch, pipeline=d.pipeline if settings.pipeline is None else settings.pipeline,
-        batch_auto=batch_auto,
+        batch_auto=batch_auto, orientations=settings.orientations,
     )

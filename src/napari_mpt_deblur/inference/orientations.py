@@ -1,0 +1,70 @@
+"""Orientation averaging ("self-ensemble"): restore each tile in several orientations, map every
+result back and average.
+
+A network that builds its output on a stride-2 grid (sub-pixel upsamplers, pooled pyramids) can
+add a faint pattern locked to that grid: the shipped ``mpt-small-fluo`` adds one whose period-2
+energy is 7.3x the camera noise level on the demo image (issue 13, docs/models.md). A tile side is
+a multiple of the model's size multiple, hence even, so flipping a tile along an axis moves every
+grid pattern by one pixel along it: a pattern of period 2 changes sign, and the average of the
+four flips {none, x, y, x and y} cancels it along both axes exactly, whatever its phase. The
+restored image itself is (nearly) flip-equivariant, so it survives the average, and averaging
+four slightly different estimates lowers their error too (measured in docs/inference.md). A tile
+with an odd side (a whole image smaller than the tile) is first extended by one replicated row or
+column: flipping an odd side would map every pixel to a position of the same parity and cancel
+nothing.
+
+``orientations``: 1 (off), 4 (the four flips) or 8 (the four flips of the tile and of its
+transpose: the dihedral group of the square). Time grows with the count.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+#: (transpose, axes to flip) of each orientation, in the order they are averaged.
+_ORIENTATIONS: tuple[tuple[bool, tuple[int, ...]], ...] = (
+    (False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1)),
+    (True, ()), (True, (-1,)), (True, (-2,)), (True, (-2, -1)),
+)
+#: The counts an :class:`~.settings.InferenceSettings` accepts.
+ORIENTATION_COUNTS = (1, 4, 8)
+
+
+def _to(x: torch.Tensor, transpose: bool, flips: tuple[int, ...]) -> torch.Tensor:
+    if transpose:
+        x = x.transpose(-2, -1)
+    return torch.flip(x, flips) if flips else x
+
+
+def _back(y: torch.Tensor, transpose: bool, flips: tuple[int, ...]) -> torch.Tensor:
+    if flips:
+        y = torch.flip(y, flips)
+    return y.transpose(-2, -1) if transpose else y
+
+
+def average_orientations(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, count: int,
+                         channels_last: bool = False) -> torch.Tensor:
+    """Mean of ``forward`` over ``count`` orientations of ``x``, each mapped back.
+
+    ``x``: (B, C, h, w) on the model's device; ``forward``: (B, C, h', w') -> (B, C, h', w') (with
+    ``count`` 8 it is also called on (B, C, w, h)). Returns (B, C, h, w), float32 when ``count`` > 1
+    (the sum is kept in float32 under reduced-precision autocast). ``count`` 1 is ``forward(x)``.
+    """
+    if count not in ORIENTATION_COUNTS:
+        raise ValueError(f"orientations must be one of {ORIENTATION_COUNTS}, got {count}")
+    if count == 1:
+        return forward(x)
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, w % 2, 0, h % 2), mode="replicate")
+    total = None
+    for transpose, flips in _ORIENTATIONS[:count]:
+        xi = _to(x, transpose, flips)
+        if channels_last:
+            xi = xi.contiguous(memory_format=torch.channels_last)
+        yi = _back(forward(xi), transpose, flips).float()
+        total = yi if total is None else total.add_(yi)
+    return total.div_(count)[..., :h, :w]
