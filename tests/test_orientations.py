@@ -57,15 +57,21 @@ def test_four_flips_cancel_a_grid_locked_pattern_exactly():
         average_orientations(net, x, 2)
 
 
-def test_engine_removes_the_pattern_over_overlapping_padded_tiles():
-    """Several overlapping tiles, the last ones padded (a 200 x 300 plane in 64 px tiles): every
-    tile's pattern cancels, so the engine returns the input; without averaging the Nyquist ratio
-    of the result is hundreds of times the input's."""
+def test_engine_removes_the_pattern_over_overlapping_and_odd_sized_tiles():
+    """Several overlapping tiles, the last ones shifted back inside the plane (a 200 x 300 plane in
+    64 px tiles), and a whole-image tile with odd sides (61 x 93): every tile's pattern cancels, so
+    the engine returns the input; without averaging the Nyquist ratio of the result is hundreds of
+    times the input's."""
     image = defocused_bbbc006()[100:300, 200:500].astype(np.float32)
     plain = _engine(GridPattern(), tile=64, overlap=16).deblur_plane(image)
     averaged = _engine(GridPattern(), tile=64, overlap=16, orientations=4).deblur_plane(image)
     assert nyquist_energy_ratio(plain) > 100 * nyquist_energy_ratio(image)
     np.testing.assert_allclose(averaged, image, atol=1e-3 * float(np.ptp(image)))
+    odd = image[:61, :93]
+    plain_odd = _engine(GridPattern(), tile=128).deblur_plane(odd)
+    assert np.abs(plain_odd - odd).max() > 0.05 * float(np.ptp(odd))
+    averaged_odd = _engine(GridPattern(), tile=128, orientations=4).deblur_plane(odd)
+    np.testing.assert_allclose(averaged_odd, odd, atol=1e-3 * float(np.ptp(odd)))
 
 
 def test_engine_average_equals_flipping_the_image_by_hand(random_h2t):

@@ -5,6 +5,9 @@ model on batches of ``batch_size`` of them, so one compiled graph per (batch, C,
 whole run. Partial last batches are padded to the full batch so they reuse that graph instead
 of compiling another. :func:`warm_up` compiles and runs the graph once on zeros, so that the
 first real plane does not pay for compilation (a GUI can call it while the user looks around).
+With ``orientations`` (:mod:`.orientations`), 8 orientations of a non-square tile and an odd
+whole-image tile extended to even each bring a second shape, hence a second compiled graph (the
+four flips of one shape share one).
 
 Compilation is an optimisation only: when it fails (no C++ compiler for inductor on CPU, an
 unsupported platform or operator), a ``RuntimeWarning`` says why, the engine's ``events`` (saved

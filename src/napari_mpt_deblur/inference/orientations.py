@@ -3,9 +3,10 @@ result back and average.
 
 A network that builds its output on a stride-2 grid (sub-pixel upsamplers, pooled pyramids) can
 add a faint pattern locked to that grid: the shipped ``mpt-small-fluo`` adds one whose period-2
-energy is 7.3x the camera noise level on the demo image (issue 13, docs/models.md). A tile side is
-a multiple of the model's size multiple, hence even, so flipping a tile along an axis moves every
-grid pattern by one pixel along it: a pattern of period 2 changes sign, and the average of the
+energy is 7.3x the camera noise level on the demo image (issue 13, docs/models.md). The network's
+grid is anchored at the tile's top-left corner (models pad at the bottom and right only), and a tile
+side is even (a multiple of the model's size multiple, or an odd whole-image side extended here, see
+below), so flipping a tile along an axis moves every grid pattern by one pixel along it: a pattern of period 2 changes sign, and the average of the
 four flips {none, x, y, x and y} cancels it along both axes exactly, whatever its phase. The
 restored image itself is (nearly) flip-equivariant, so it survives the average, and averaging
 four slightly different estimates lowers their error too (measured in docs/inference.md). A tile
@@ -66,5 +67,6 @@ def average_orientations(forward: Callable[[torch.Tensor], torch.Tensor], x: tor
         if channels_last:
             xi = xi.contiguous(memory_format=torch.channels_last)
         yi = _back(forward(xi), transpose, flips).float()
-        total = yi if total is None else total.add_(yi)
+        # Out of place: a compiled forward may hand back a buffer it reuses on the next call.
+        total = yi if total is None else total + yi
     return total.div_(count)[..., :h, :w]
