@@ -3,16 +3,15 @@ result back and average.
 
 A network that builds its output on a stride-2 grid (sub-pixel upsamplers, pooled pyramids) can
 add a faint pattern locked to that grid: the shipped ``mpt-small-fluo`` adds one whose period-2
-energy is 7.3x the camera noise level on the demo image (issue 13, docs/models.md). The network's
-grid is anchored at the tile's top-left corner (models pad at the bottom and right only), and a tile
-side is even (a multiple of the model's size multiple, or an odd whole-image side extended here, see
-below), so flipping a tile along an axis moves every grid pattern by one pixel along it: a pattern of period 2 changes sign, and the average of the
-four flips {none, x, y, x and y} cancels it along both axes exactly, whatever its phase. The
-restored image itself is (nearly) flip-equivariant, so it survives the average, and averaging
-four slightly different estimates lowers their error too (measured in docs/inference.md). A tile
-with an odd side (a whole image smaller than the tile) is first extended by one replicated row or
-column: flipping an odd side would map every pixel to a position of the same parity and cancel
-nothing.
+energy is 7.3x the camera noise level on the demo image (issue 13, docs/models.md). The grid is
+anchored at the tile's top-left corner (models pad at the bottom and right only). On an even tile
+side, flipping the tile moves every grid pattern by one pixel: a pattern of period 2 changes sign,
+and the average of the four flips {none, x, y, x and y} cancels it along both axes exactly,
+whatever its phase. The restored image itself is (nearly) flip-equivariant, so it survives the
+average, and averaging four slightly different estimates lowers their error too (measured in
+docs/inference.md). Tile sides are multiples of the model's size multiple, hence even, except a
+whole image smaller than the tile: an odd side is first extended by one replicated row or column,
+because flipping an odd side keeps every pixel's parity and would cancel nothing.
 
 ``orientations``: 1 (off), 4 (the four flips) or 8 (the four flips of the tile and of its
 transpose: the dihedral group of the square). Time grows with the count.
