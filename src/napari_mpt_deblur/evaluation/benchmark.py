@@ -35,7 +35,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.optics import BENCHMARK_OPTICS, Acquisition, fold_optics
-from ..inference.settings import TileSide
+from ..inference.settings import ORIENTATION_COUNTS, TileSide
 from ..io.atomic import write_text_atomic
 from ..io.paths import TIFF_SUFFIXES, list_images
 from .compare import rows_to_csv
@@ -141,7 +141,7 @@ def parse_method(text: str) -> MethodSpec:
         orientations = 1
         if m := re.fullmatch(r"(.+)@(\w+)", name):
             name, count = m.groups()
-            if count not in ("4", "8"):
+            if not count.isdigit() or int(count) not in ORIENTATION_COUNTS[1:]:  # 1 is the plain method
                 raise ValueError(f"method {t!r}: @{count} is not an orientation count; use @4 (flips) or @8 (flips and transposes)")
             orientations = int(count)
         return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix], orientations=orientations)

@@ -24,13 +24,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .settings import ORIENTATION_COUNTS
+
 #: (transpose, axes to flip) of each orientation, in the order they are averaged.
 _ORIENTATIONS: tuple[tuple[bool, tuple[int, ...]], ...] = (
     (False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1)),
     (True, ()), (True, (-1,)), (True, (-2,)), (True, (-2, -1)),
 )
-#: The counts an :class:`~.settings.InferenceSettings` accepts.
-ORIENTATION_COUNTS = (1, 4, 8)
 
 
 def _to(x: torch.Tensor, transpose: bool, flips: tuple[int, ...]) -> torch.Tensor:

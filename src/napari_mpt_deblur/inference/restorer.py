@@ -27,6 +27,7 @@ from ..io.axes import user_chunks as _user_chunks
 from ..io.run_record import InputSummary, ModelSummary, RunRecord, TileInUse, software_versions
 from .devices import autocast_dtype_for, is_out_of_memory, select_device
 from .model_cache import load_model_once
+from .orientations import average_orientations
 from .progress import Cancelled, CancelRequest, TileProgress, stop_check
 from .settings import InferenceSettings, ResolvedSettings, round_to_multiple, resolve_settings
 from .tiling import plan_tiles, tile_and_blend
@@ -437,7 +438,6 @@ class PlaneRestorer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             from .compiled import compiled_forward  # eager unless settings.compile / the device default
-            from .orientations import average_orientations
 
             y = average_orientations(lambda t: compiled_forward(self, t), x, self.settings.orientations,
                                      self.settings.channels_last)

@@ -10,7 +10,7 @@ not import torch, so a widget can check settings on the GUI thread
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 #: A tile side in pixels, as every front end accepts it (the benchmark's config reuses this type).
 TileSide = Annotated[int, Field(ge=8, le=16384)]
+#: Orientations averaged per tile (:mod:`.orientations`): 1 (off), 4 flips, 8 with the transposes.
+OrientationCount = Literal[1, 4, 8]
+ORIENTATION_COUNTS: tuple[int, ...] = get_args(OrientationCount)
 
 
 class InferenceSettings(BaseModel):
@@ -58,7 +61,7 @@ class InferenceSettings(BaseModel):
     channels_last: bool = True
     plane_batch: int | None = Field(None, ge=1, le=1024)
     pipeline: bool | None = None
-    orientations: Literal[1, 4, 8] = 1
+    orientations: OrientationCount = 1
     #: ``torch.compile`` the model for the tile shape (None: the device default, see
     #: :data:`.compiled.COMPILE_DEFAULTS`); falls back to eager with a warning when it fails.
     compile: bool | None = None
@@ -103,7 +106,7 @@ class ResolvedSettings(BaseModel):
     plane_batch: int | None = None
     pipeline: bool = True
     batch_auto: bool = False
-    orientations: Literal[1, 4, 8] = 1
+    orientations: OrientationCount = 1
 
     @property
     def orientations_note(self) -> str:
