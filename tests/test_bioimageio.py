@@ -117,6 +117,8 @@ def test_shipped_mpt_package_passes_bioimageio_core_test_offline(tmp_path):
     _assert_passed(run_bioimageio_test(out))
     # The folder form loads as a model too, with the shipped weights bit for bit.
     loaded, shipped = load_model(out), load_model("mpt-small-fluo")
+    assert loaded.record.orientations == shipped.record.orientations == 4  # the record travels with it
+    assert "in 4 orientations" in (out / "README.md").read_text()
     for key, value in shipped.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value)
 

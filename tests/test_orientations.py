@@ -109,11 +109,40 @@ def test_settings_accept_only_1_4_8_and_the_run_record_keeps_the_count(tmp_path,
     assert exc.value.code == 2 and not (tmp_path / "never.tif").exists()
 
 
+def test_a_models_record_sets_the_default_and_the_user_overrides_it(tmp_path, random_h2t, capsys):
+    """``ModelRecord.orientations`` (the shipped MPT's 4) is used when the user does not choose,
+    said on the console and kept in the run record; an explicit choice wins; a fine-tune of the
+    model keeps its base's default."""
+    from napari_mpt_deblur.models.record import read_record
+    from napari_mpt_deblur.training.finetune import FineTuner
+
+    model = save_model(random_h2t, tmp_path / "h2t-four", trained=False, orientations=4)
+    assert read_record(model).orientations == 4
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, np.random.default_rng(3).integers(0, 4000, size=(64, 80), dtype=np.uint16))
+    runs = {}
+    for name, flags in {"default": [], "one": ["--orientations", "1"]}.items():
+        out = tmp_path / f"{name}.tif"
+        assert main(["predict", str(src), str(out), "--model", str(model), "--quiet", *flags]) == 0
+        runs[name] = (read_image(out).run_record.settings, capsys.readouterr().err)
+    (default, default_log), (one, one_log) = runs["default"], runs["one"]
+    assert (default.orientations, default.orientations_from) == (4, "model")
+    assert "4 orientations averaged (the model's default; orientations 1 for one pass)" in default_log
+    assert (one.orientations, one.orientations_from) == (1, "settings") and "orientations averaged" not in one_log
+    assert InferenceSettings().orientations is None
+
+    tuned = FineTuner(str(model), [np.random.default_rng(4).random((64, 64), dtype=np.float32)], steps=1, batch=1,
+                      patch=32, device="cpu")
+    tuned.run()
+    assert read_record(tuned.save(tmp_path / "tuned")).orientations == 4
+
+
 def test_benchmark_methods_take_an_orientation_count():
     from napari_mpt_deblur.evaluation.benchmark import parse_method
 
     spec = parse_method("mpt:mpt-small-fluo@4")
     assert (spec.model, spec.arch, spec.orientations, spec.key) == ("mpt-small-fluo", "mpt", 4, "mpt:mpt-small-fluo@4")
-    assert parse_method("h2t:h2t-unet-fluo").orientations == 1
-    with pytest.raises(ValueError, match="@3 is not an orientation count; use @4"):
+    assert parse_method("h2t:h2t-unet-fluo").orientations is None  # the model's default, as predict
+    assert parse_method("mpt:mpt-small-fluo@1").orientations == 1
+    with pytest.raises(ValueError, match=r"@3 is not an orientation count; use @1 \(one pass\), @4"):
         parse_method("h2t:h2t-unet-fluo@3")

@@ -51,6 +51,7 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_wo
     meta = out.metadata["mpt_deblur"]
     assert meta["model"]["name"] == "tiny-test" and meta["axes"] == "YX"
     assert meta["settings"]["output_dtype"] == "input" and meta["settings"]["orientations"] == 4
+    assert widget.status.value.endswith(", 4 orientations averaged")
     assert out.metadata["source_layer"] == "blurry"
     np.testing.assert_array_equal(layer.data, before)
     assert widget.progress.value == widget.progress.max > 0
@@ -107,6 +108,9 @@ def test_lazy_layer_stays_lazy_via_zarr(qtbot, wait_for_worker, deblur_widget, t
     assert in_store.model.weights_sha256 == on_layer.model.weights_sha256
     assert in_store.settings == on_layer.settings and in_store.settings.tile == on_layer.settings.tile
     assert in_store.complete is True and in_store.input.shape == [3, 96, 128]
+    # The widget's "model default" orientations: the tiny model's record names none, so one pass.
+    assert widget.orientations.value == 0
+    assert (on_layer.settings.orientations, on_layer.settings.orientations_from) == (1, "default")
 
 
 def test_bad_input_is_reported_not_raised(qtbot, wait_for_worker, deblur_widget, tmp_path):

@@ -187,7 +187,7 @@ f = sorted(glob.glob(sys.argv[1] + '/*.tif'))[0]; tifffile.imwrite(sys.argv[2], 
         sharp=(--sharp "$SHARED/data/u2os_nuclei/images" --labels "$SHARED/data/u2os_nuclei/labels" --names-from test)
     fi
     step compare 90 10 "$PY" -m napari_mpt_deblur.cli benchmark "${sharp[@]}" --no-stardist --device "$DEVICE" \
-        --methods "input,mpt:mpt-small-fluo,mpt:$OUT/mpt-small-fluo-gpu.json" --out "$SCRATCH/compare"
+        --methods "input,mpt:mpt-small-fluo@1,mpt:$OUT/mpt-small-fluo-gpu.json@1" --out "$SCRATCH/compare"
 fi
 
 # ---- summary -------------------------------------------------------------------------------

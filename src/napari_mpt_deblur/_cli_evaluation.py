@@ -48,8 +48,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                      "restore them with each method and write summary.md / summary.csv / per_image.csv / "
                      "config.json and figures (benchmark.png, ap_vs_iou.png) into --out. Methods: input, rlN "
                      "(Richardson-Lucy, N iterations, true PSF; rl = rl30), wiener (true PSF, balance tuned per "
-                     "defocus), wiener:BALANCE, mpt:MODEL, h2t:MODEL, model:MODEL; a model method ending in @4 or @8 "
-                     "averages that many orientations per tile (mpt:mpt-small-fluo@4)."),
+                     "defocus), wiener:BALANCE, mpt:MODEL, h2t:MODEL, model:MODEL; a model method ending in @1, @4 "
+                     "or @8 averages that many orientations per tile (mpt:mpt-small-fluo@1: one pass); without "
+                     "it, the model's default, as predict uses it."),
     )
     p.add_argument("--sharp", type=Path, required=True, help="folder of sharp images (TIFF)")
     p.add_argument("--labels", type=Path, default=None,

@@ -131,7 +131,10 @@ def _choices(field: str) -> list[str]:
 
     from .inference.settings import InferenceSettings
 
-    return list(get_args(InferenceSettings.model_fields[field].annotation))
+    annotation = InferenceSettings.model_fields[field].annotation
+    # ``Literal[...] | None`` (None = the default): the flag offers the literal's values.
+    literals = [a for a in get_args(annotation) if a is not type(None)] if type(None) in get_args(annotation) else [annotation]
+    return [value for lit in literals for value in get_args(lit)]
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -155,10 +158,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model for the tile shape (default: per device, see docs/performance.md); "
                         "falls back to eager with a warning if compiling fails")
-    p.add_argument("--orientations", type=int, choices=_choices("orientations"), default=1,
-                   help="restore every tile in 1 (default), 4 (its flips) or 8 (flips and transposes) orientations "
-                        "and average: removes a model's grid pattern and lowers the error, at 4x / 8x the time "
-                        "(docs/inference.md)")
+    p.add_argument("--orientations", type=int, choices=_choices("orientations"), default=None,
+                   help="restore every tile in 1, 4 (its flips) or 8 (flips and transposes) orientations and "
+                        "average: removes a model's grid pattern and lowers the error, at 4x / 8x the time; "
+                        "default: the model's own (4 for mpt-small-fluo, 1 for the others; docs/inference.md)")
     p.set_defaults(handler=_run_predict)
 
 

@@ -106,8 +106,9 @@ class MethodSpec:
     balance: float | None = None
     model: str | None = None
     arch: str | None = None
-    #: Orientations averaged per tile (``mpt:M@4``; :mod:`~napari_mpt_deblur.inference.orientations`).
-    orientations: int = 1
+    #: Orientations averaged per tile (``mpt:M@4``; :mod:`~napari_mpt_deblur.inference.orientations`);
+    #: None (a plain ``mpt:M``): the model's own default, as ``mpt-deblur predict`` uses it.
+    orientations: int | None = None
 
 
 _MODEL_PREFIXES = {"mpt": "mpt", "h2t": "h2t_unet", "h2t_unet": "h2t_unet", "model": None}
@@ -115,7 +116,8 @@ _MODEL_PREFIXES = {"mpt": "mpt", "h2t": "h2t_unet", "h2t_unet": "h2t_unet", "mod
 
 def parse_method(text: str) -> MethodSpec:
     """Parse a method name: ``input``, ``rl``, ``rlN``, ``wiener``, ``wiener:B``, ``mpt:M``, ``h2t:M``,
-    ``model:M``; a model method may end in ``@4`` or ``@8``: that many orientations averaged per tile."""
+    ``model:M``; a model method may end in ``@1``, ``@4`` or ``@8``: that many orientations averaged
+    per tile (without it: the model's default, ``ModelRecord.orientations``)."""
     t = text.strip()
     if t == "input":
         return MethodSpec("input", "input")
@@ -138,16 +140,17 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec(t, "wiener", balance=b)
     prefix, sep, name = t.partition(":")
     if sep and prefix in _MODEL_PREFIXES and name:
-        orientations = 1
+        orientations = None
         if m := re.fullmatch(r"(.+)@(\w+)", name):
             name, count = m.groups()
-            if not count.isdigit() or int(count) not in ORIENTATION_COUNTS[1:]:  # 1 is the plain method
-                raise ValueError(f"method {t!r}: @{count} is not an orientation count; use @4 (flips) or @8 (flips and transposes)")
+            if not count.isdigit() or int(count) not in ORIENTATION_COUNTS:
+                raise ValueError(f"method {t!r}: @{count} is not an orientation count; use @1 (one pass), "
+                                 "@4 (flips) or @8 (flips and transposes)")
             orientations = int(count)
         return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix], orientations=orientations)
     raise ValueError(
         f"unknown method {t!r}: use input, rl, rlN (e.g. rl10), wiener, wiener:BALANCE, mpt:MODEL, h2t:MODEL or "
-        "model:MODEL (a model method may end in @4 or @8: orientations averaged)"
+        "model:MODEL (a model method may end in @1, @4 or @8: orientations averaged; without: the model's default)"
     )
 
 
@@ -174,7 +177,7 @@ class ModelRestorer:
     """
 
     def __init__(self, name: str, device: str = "auto", arch: str | None = None, tile: int | None = None,
-                 orientations: int = 1) -> None:
+                 orientations: int | None = None) -> None:
         from ..inference import Deblurrer, InferenceSettings
 
         self.engine = Deblurrer(name, InferenceSettings(device=device, tile=tile, output_dtype="float32",

@@ -121,7 +121,8 @@ class PlaneRestorer:
                 "the engine restores images in place and needs equal input and output channels"
             )
         self.settings = resolve_settings(self.requested, self.device, arch.size_multiple,
-                                         f"model {self.record.name!r} ({arch.arch}/{arch.preset})")
+                                         f"model {self.record.name!r} ({arch.arch}/{arch.preset})",
+                                         self.record.orientations)
         #: The settings in use now: ``settings`` until an out-of-memory fallback (or the CUDA batch
         #: sizing) replaces it with a new resolved object; never mutated, so metadata states what ran.
         self.in_use: ResolvedSettings = self.settings

@@ -40,9 +40,11 @@ class InferenceSettings(BaseModel):
     * ``precision``: ``fp16``/``bf16`` autocast on GPUs only; ``auto`` is bf16 on CUDA GPUs
       that support it, fp32 elsewhere (:func:`~napari_mpt_deblur.inference.devices.resolve_precision`).
     * ``output_dtype``: ``float32``, or ``input`` (rounded and clipped for integer inputs).
-    * ``orientations``: 1 (default), 4 or 8: restore every tile in that many orientations (its four
-      flips; with 8 also those of its transpose), map back and average (:mod:`.orientations`). It
-      cancels a model's grid-locked period-2 pattern and lowers the error, at 4x or 8x the time.
+    * ``orientations``: 1, 4 or 8: restore every tile in that many orientations (its four flips;
+      with 8 also those of its transpose), map back and average (:mod:`.orientations`). It cancels
+      a model's grid-locked period-2 pattern and lowers the error, at 4x or 8x the time. ``None``
+      (default): the model's own default, ``ModelRecord.orientations`` (4 for the shipped MPT,
+      whose single pass shows a grid pattern; 1 for a model that names none).
     * ``normalisation_scope``: ``plane`` (default; each 2D plane scaled by its own percentiles),
       ``stack`` (one range for the whole array, from up to ~16 M sampled pixels) or ``fixed``
       (``intensity_range`` as given).
@@ -61,7 +63,7 @@ class InferenceSettings(BaseModel):
     channels_last: bool = True
     plane_batch: int | None = Field(None, ge=1, le=1024)
     pipeline: bool | None = None
-    orientations: OrientationCount = 1
+    orientations: OrientationCount | None = None
     #: ``torch.compile`` the model for the tile shape (None: the device default, see
     #: :data:`.compiled.COMPILE_DEFAULTS`); falls back to eager with a warning when it fails.
     compile: bool | None = None
@@ -107,11 +109,19 @@ class ResolvedSettings(BaseModel):
     pipeline: bool = True
     batch_auto: bool = False
     orientations: OrientationCount = 1
+    #: Where ``orientations`` came from: the request; the model's record (the request said None);
+    #: or neither (1).
+    orientations_from: Literal["settings", "model", "default"] = "settings"
 
     @property
     def orientations_note(self) -> str:
-        """``", 4 orientations averaged"`` for a log line; empty for a single pass."""
-        return f", {self.orientations} orientations averaged" if self.orientations > 1 else ""
+        """``", 4 orientations averaged"`` for a log line (saying so when it is the model's default,
+        so a user who wonders why a model is slower learns the remedy); empty for a single pass."""
+        if self.orientations == 1:
+            return ""
+        if self.orientations_from == "model":
+            return f", {self.orientations} orientations averaged (the model's default; orientations 1 for one pass)"
+        return f", {self.orientations} orientations averaged"
 
 
 @dataclass(frozen=True)
@@ -150,9 +160,10 @@ def check_tile(tile: int | None, overlap: int | None, size_multiple: int, model_
 
 
 def resolve_settings(settings: InferenceSettings, device: Any, size_multiple: int,
-                     model_name: str = "the model") -> ResolvedSettings:
-    """Fill in device defaults (``device``: a ``torch.device``) and check tile/overlap against the
-    model; errors say how to fix them."""
+                     model_name: str = "the model", model_orientations: OrientationCount | None = None) -> ResolvedSettings:
+    """Fill in device defaults (``device``: a ``torch.device``) and the model's defaults
+    (``model_orientations``, from its record; None: 1) and check tile/overlap against the model;
+    errors say how to fix them."""
     from .devices import resolve_precision
 
     d = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
@@ -168,5 +179,8 @@ def resolve_settings(settings: InferenceSettings, device: Any, size_multiple: in
         output_dtype=settings.output_dtype, normalisation_scope=settings.normalisation_scope,
         intensity_range=settings.intensity_range, channels_last=settings.channels_last,
         size_multiple=size_multiple, plane_batch=settings.plane_batch, pipeline=d.pipeline if settings.pipeline is None else settings.pipeline,
-        batch_auto=batch_auto, orientations=settings.orientations,
+        batch_auto=batch_auto,
+        orientations=settings.orientations or model_orientations or 1,
+        orientations_from=("settings" if settings.orientations is not None
+                           else "model" if model_orientations is not None else "default"),
     )

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .._version import __version__
 from ..data.normalisation import NormalisationConfig
 from ..data.optics import Acquisition
+from ..inference.settings import OrientationCount
 from .config import ArchConfig
 
 #: Version of the record format; a newer record is refused with a message to upgrade.
@@ -48,6 +49,11 @@ class ModelRecord(BaseModel):
     #: The microscope a calibrated model was specialised to (``mpt-deblur calibrate``); None for
     #: generalist models.
     optics: Acquisition | None = None
+    #: Orientations the engine averages for this model when the user does not choose
+    #: (``InferenceSettings.orientations=None``); None: one pass. Set where one pass leaves a
+    #: grid-locked pattern: the shipped MPT (4; its Nyquist energy ratio on the demo image 7.29 in
+    #: one pass, 1.31 with 4, the input's 1.07; docs/inference.md).
+    orientations: OrientationCount | None = None
 
 
 def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -72,8 +72,12 @@ def save_model(
     trained: bool = True,
     dtype: Literal["float32", "float16", "bfloat16"] = "float32",
     optics: Acquisition | None = None,
+    orientations: int | None = None,
 ) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; return the JSON path.
+
+    ``orientations``: the model's inference default (``ModelRecord.orientations``); a model
+    derived from another (fine-tune, calibration) passes its base's on.
 
     The weights are written first and the record, which holds their SHA-256, last, so an
     interrupted save never leaves a record that vouches for other weights.
@@ -93,6 +97,7 @@ def save_model(
         trained=trained,
         training=training or {},
         optics=optics,
+        orientations=orientations,
     )
     write_bytes_atomic(weights_path, data)
     write_text_atomic(record_path, record.model_dump_json(indent=2) + "\n")

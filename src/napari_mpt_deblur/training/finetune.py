@@ -45,15 +45,16 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, NormalisationConfig]:
+def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, NormalisationConfig, int | None]:
+    """(a copy of the network, its name, its normalisation, its inference orientations default)."""
     from ..models.registry import LoadedModel, load_model
 
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, "cpu")
     if isinstance(model, LoadedModel):
-        return copy.deepcopy(model.model), model.record.name, model.record.normalisation
+        return copy.deepcopy(model.model), model.record.name, model.record.normalisation, model.record.orientations
     if isinstance(model, nn.Module):
-        return copy.deepcopy(model), getattr(model, "name", type(model).__name__), NormalisationConfig()
+        return copy.deepcopy(model), getattr(model, "name", type(model).__name__), NormalisationConfig(), None
     raise TypeError(f"model must be a model name/path, a LoadedModel or an nn.Module, got {type(model).__name__}")
 
 
@@ -126,7 +127,7 @@ class FineTuner(TrainerJob):
         if not unlabeled_images:
             raise ValueError("fine-tuning needs at least one unlabeled image")
         _check_settings(steps=steps, lr=lr, batch=batch, patch=patch, beta=beta)
-        net, self.base_name, self.normalisation = _resolve_model(model, device)
+        net, self.base_name, self.normalisation, self.orientations = _resolve_model(model, device)
         multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
         asked_patch, patch = patch, int(np.ceil(patch / multiple) * multiple)
         if paired is not None and sharp_images is not None:
@@ -204,7 +205,8 @@ class FineTuner(TrainerJob):
         )
         return save_model(self.model, weights, name=name or Path(weights).stem,
                           description=description or f"{self.base_name} fine-tuned with EFCRex for {self.trainer.step} steps",
-                          normalisation=self.normalisation, training=training, trained=True)
+                          normalisation=self.normalisation, training=training, trained=True,
+                          orientations=self.orientations)
 
 
 def finetune(
