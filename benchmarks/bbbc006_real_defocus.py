@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bbbc006_z00"))
     p.add_argument("--figure", type=Path, default=None, help="PNG: three fields, input vs each model, with nuclei")
     p.add_argument("--figure-fields", default="h01_s2_w1,d02_s2_w1,l22_s2_w1")
+    p.add_argument("--orientations", choices=["1", "4", "8", "model"], default="1",
+                   help="orientations averaged per tile: 1 (default, one pass: the docs' table) or each model's default")
     args = p.parse_args(argv)
 
     from napari_mpt_deblur.evaluation.compare import rows_to_csv
@@ -44,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     from napari_mpt_deblur.evaluation.sharpness import sharpness
     from napari_mpt_deblur.evaluation.stardist_runner import load_stardist, segment
     from napari_mpt_deblur.inference.devices import tune_cpu_allocator
-    from napari_mpt_deblur.inference.engine import Deblurrer
+    from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings
     from napari_mpt_deblur.io.images import read_array
 
     tune_cpu_allocator()
     models = [m for m in args.models.split(",") if m]
-    engines = {m: Deblurrer(m) for m in models}
+    settings = InferenceSettings(orientations=None if args.orientations == "model" else int(args.orientations))
+    engines = {m: Deblurrer(m, settings) for m in models}
     stardist = load_stardist()
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -2,7 +2,9 @@
 after a default fine-tune, against the input's.
 
 For each model: the ratio (:func:`napari_mpt_deblur.evaluation.spectral.nyquist_energy_ratio`)
-of the real defocused BBBC006 demo image, of the model's output on it (one whole-image pass), and
+of the real defocused BBBC006 demo image, of the model's output on it (one whole-image tile,
+``--orientations`` of it averaged: 1 by default, the network's own pattern; ``model`` for the
+model's default, what a user gets, e.g. 4 for mpt-small-fluo), and
 of the output after ``--steps`` steps of the napari fine-tune with its defaults (EFCRex on the
 demo image itself, batch 4, patch 128, lr 5e-5, beta 0.1, Nyquist-coefficient loss weight 10),
 with the seconds the fine-tune took.
@@ -22,6 +24,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["h2t-unet-fluo", "mpt-small-fluo"])
     p.add_argument("--steps", type=int, default=200, help="default fine-tune steps (0: skip the fine-tune)")
+    p.add_argument("--orientations", choices=["1", "4", "8", "model"], default="1",
+                   help="orientations averaged per tile: 1 (default: the network's own pattern) or the model's default")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--markdown", action="store_true")
@@ -39,7 +43,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     image = defocused_bbbc006()
     base = nyquist_energy_ratio(image)
-    whole = InferenceSettings(device="cpu", tile=1024)
+    whole = InferenceSettings(device="cpu", tile=1024,
+                              orientations=None if args.orientations == "model" else int(args.orientations))
     rows = []
     for name in args.models:
         loaded = load_model(name)

@@ -171,6 +171,14 @@ def test_calibration_runs_in_budget_and_the_record_holds_the_optics(micro_model_
     assert resumed.run().steps_done > result.steps_done
 
 
+def test_a_calibrated_model_keeps_its_bases_orientations_default(micro_model_path, tmp_path):
+    from napari_mpt_deblur.models.registry import load_model, save_model
+
+    base = save_model(load_model(micro_model_path).model, tmp_path / "four", trained=False, orientations=4)
+    calibrator = cal.Calibrator(small_settings(base), sharp_crops(), work_dir=tmp_path / "work")
+    assert read_record(calibrator.save(tmp_path / "calibrated")).orientations == 4  # the start's weights, saved
+
+
 def test_a_checkpoint_must_beat_the_best_by_more_than_the_validations_noise():
     rng = np.random.default_rng(0)
     old = {"psnr": 32.0, "psnr_pairs": list(32.0 + rng.normal(0, 1, 16))}

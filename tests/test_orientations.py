@@ -137,6 +137,20 @@ def test_a_models_record_sets_the_default_and_the_user_overrides_it(tmp_path, ra
     assert read_record(tuned.save(tmp_path / "tuned")).orientations == 4
 
 
+def test_run_records_written_before_the_source_field_still_load(tmp_path, random_h2t):
+    from napari_mpt_deblur.evaluation.benchmark import ModelRestorer
+    from napari_mpt_deblur.inference.settings import ResolvedSettings
+
+    old = dict(tile=512, overlap=32, batch_size=1, device="cpu", precision="fp32", output_dtype="float32",
+               normalisation_scope="plane", intensity_range=None, channels_last=True, size_multiple=16)
+    assert ResolvedSettings.model_validate(old).orientations_from == "default"
+    assert ResolvedSettings.model_validate({**old, "orientations": 4}).orientations_from == "settings"
+    # A plain benchmark method runs the model as predict does: with its record's default.
+    model = save_model(random_h2t, tmp_path / "h2t-four", trained=False, orientations=4)
+    assert ModelRestorer(str(model), "cpu").engine.settings.orientations == 4
+    assert ModelRestorer(str(model), "cpu", orientations=1).engine.settings.orientations == 1
+
+
 def test_benchmark_methods_take_an_orientation_count():
     from napari_mpt_deblur.evaluation.benchmark import parse_method
 

@@ -28,6 +28,8 @@ def test_shipped_model_files_are_small_fp16_and_say_how_they_were_trained():
         assert record.trained and record.name == name and record.weights_dtype == "float16"
         assert (record.architecture.arch, record.architecture.preset) == (arch, preset)
         assert record.architecture.in_channels == 1 == record.architecture.out_channels
+        # The MPT's one pass has a grid pattern, so its record asks for 4 orientations (test_checkerboard.py).
+        assert record.orientations == (4 if name == "mpt-small-fluo" else None)
         training = record.training
         assert training["steps"] > 0 and training["wall_seconds"] > 0 and training["device"]
         # The benchmark's test images must not be among the training data.

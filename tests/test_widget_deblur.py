@@ -57,6 +57,21 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_wo
     assert widget.progress.value == widget.progress.max > 0
 
 
+def test_model_default_orientations_come_from_the_models_record(qtbot, wait_for_worker, deblur_widget, tiny_model_file):
+    from napari_mpt_deblur.models.registry import load_model
+
+    viewer, widget = deblur_widget
+    four = save_model(load_model(tiny_model_file).model, tiny_model_file.parent / "tiny-four", orientations=4)
+    widget.model_file.value = str(four)
+    widget.image.value = viewer.add_image(np.random.default_rng(5).random((64, 96)).astype(np.float32), name="img")
+    assert widget.orientations.value == 0  # "model default"
+    assert widget.run() is not None
+    wait_for_worker(widget)
+    settings = widget.last_layer.metadata["mpt_deblur"]["settings"]
+    assert (settings["orientations"], settings["orientations_from"]) == (4, "model")
+    assert widget.status.value.endswith(", 4 orientations averaged")
+
+
 def test_cancel_stops_a_stack_midway_and_leaves_input_unchanged(qtbot, wait_for_worker, deblur_widget):
     viewer, widget = deblur_widget
     rng = np.random.default_rng(0)

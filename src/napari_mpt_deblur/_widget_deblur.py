@@ -88,7 +88,8 @@ def preload(model: str, torch_ready: threading.Event, tile_shape: tuple[int, int
         from .inference.compiled import warm_up
         from .inference.engine import Deblurrer, InferenceSettings
 
-        engine = Deblurrer(model, InferenceSettings())
+        # One orientation: the flips share the tile's shape, so one pass warms up what they use.
+        engine = Deblurrer(model, InferenceSettings(orientations=1))
         if clicked is None or not clicked.is_set():
             warm_up(engine, *tile_shape)
     except Exception:  # noqa: BLE001 - a preload must never raise into a thread

@@ -110,8 +110,15 @@ class ResolvedSettings(BaseModel):
     batch_auto: bool = False
     orientations: OrientationCount = 1
     #: Where ``orientations`` came from: the request; the model's record (the request said None);
-    #: or neither (1).
-    orientations_from: Literal["settings", "model", "default"] = "settings"
+    #: or neither (1). Records written before this field: 1 was the default, more was asked for.
+    orientations_from: Literal["settings", "model", "default"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_of_old_records(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "orientations_from" not in data:
+            data = {**data, "orientations_from": "settings" if data.get("orientations", 1) > 1 else "default"}
+        return data
 
     @property
     def orientations_note(self) -> str:

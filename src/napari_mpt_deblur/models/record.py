@@ -23,7 +23,8 @@ from ..inference.settings import OrientationCount
 from .config import ArchConfig
 
 #: Version of the record format; a newer record is refused with a message to upgrade.
-FORMAT_VERSION = 1
+#: 2: ``orientations`` (older packages would reject the field with a bare validation error).
+FORMAT_VERSION = 2
 
 
 class ModelFileError(ValueError):

@@ -77,7 +77,9 @@ def save_model(
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; return the JSON path.
 
     ``orientations``: the model's inference default (``ModelRecord.orientations``); a model
-    derived from another (fine-tune, calibration) passes its base's on.
+    derived from another (fine-tune, calibration) passes its base's on. A model from a training
+    run (``train``, ``export``) names none until its own pattern has been measured
+    (``benchmarks/bench_checkerboard.py``): new presets upsample by resize-convolution.
 
     The weights are written first and the record, which holds their SHA-256, last, so an
     interrupted save never leaves a record that vouches for other weights.
