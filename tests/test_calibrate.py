@@ -281,7 +281,7 @@ def test_one_microscope_model_for_validation_benchmark_and_flags(tmp_path):
 
 
 def test_names_flag_takes_a_split_or_file_stems():
-    from napari_mpt_deblur._cli_training import names_arg
+    from napari_mpt_deblur._cli_common import names_arg
 
     assert names_arg("u2os_train_and_val") == "u2os_train_and_val"
     assert names_arg("07fb37aafa66") == ["07fb37aafa66"]  # one stem is not a split name

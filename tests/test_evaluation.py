@@ -245,3 +245,27 @@ def test_parse_methods():
             parse_method(bad)
     with pytest.raises(ValueError, match="listed twice: rl10"):
         parse_methods(["rl10", "rl10"])
+
+
+def test_benchmark_names_take_file_stems_or_a_split_of_the_folder(tmp_path, capsys):
+    """``--names`` picks images of --sharp by stem or by a named split (the DSB held-out test set);
+    with ``--names-from`` as well it is refused before anything is written."""
+    import csv
+
+    from napari_mpt_deblur.cli import main
+    from napari_mpt_deblur.data.splits import DSB_FLUO_TEST
+
+    sharp = tmp_path / "sharp"
+    sharp.mkdir()
+    rng = np.random.default_rng(0)
+    stems = ["a", "b", DSB_FLUO_TEST[0]]
+    for stem in stems:
+        tifffile.imwrite(sharp / f"{stem}.tif", rng.integers(0, 4000, size=(48, 56), dtype=np.uint16))
+    common = ["benchmark", "--sharp", str(sharp), "--defocus", "4", "--methods", "input", "--no-stardist"]
+    for names, expected in (("a,b", {"a", "b"}), ("dsb_fluo_test", {DSB_FLUO_TEST[0]})):
+        out = tmp_path / names.replace(",", "_")
+        assert main([*common, "--names", names, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert {r["image"] for r in csv.DictReader((out / "per_image.csv").open())} == expected
+    assert main([*common, "--names", "a", "--names-from", "test", "--out", str(tmp_path / "never")]) == 1
+    assert "--names and --names-from both choose the images: give one" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -29,6 +29,16 @@ def _refuse_existing(path: Path | None, overwrite: bool) -> None:
         raise CommandError(f"{path} already exists; choose another path or pass --overwrite")
 
 
+def names_arg(text: str) -> str | list[str]:
+    """``--names``: a split name (e.g. ``u2os_train_and_val``) as is, else comma-separated file stems
+    (one stem is a list of one, not a split)."""
+    from typing import get_args
+
+    from .data.sources import SplitName
+
+    return text if text in get_args(SplitName) else [v.strip() for v in text.split(",") if v.strip()]
+
+
 #: Example value per optics field for the flags' help (the benchmark's microscope).
 _OPTICS_EXAMPLES = {"na": "0.45", "immersion_index": "air", "wavelength_um": "0.461", "pixel_um": "0.645"}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._cli_common import (EXIT_OK, CommandError, _float_list, _refuse_existing, _str_list, add_optics_flags,
+from ._cli_common import (EXIT_OK, CommandError, _float_list, _refuse_existing, _str_list, add_optics_flags, names_arg,
                           optics_flags)
 
 
@@ -57,6 +57,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                    help="folder of ground-truth labels (same names); without it StarDist on the sharp image is the reference")
     p.add_argument("--names-from", choices=["test", "val", "train"], default=None,
                    help="use only the images of this split of the shared U2OS set (data.splits)")
+    p.add_argument("--names", default=None, metavar="SPLIT_OR_STEMS",
+                   help="use only these file stems (comma-separated) or this split of --sharp (data.splits, e.g. "
+                        "dsb_fluo_test: the held-out 10%% of dsb2018_extra/fluorescence)")
     p.add_argument("--max-images", type=int, default=None, help="use at most this many images")
     p.add_argument("--defocus", type=_float_list, default=[2.0, 4.0, 8.0, 12.0], help="defocus values in um")
     from .data.optics import BENCHMARK_OPTICS
@@ -87,7 +90,16 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from .evaluation.stardist_runner import StarDistModelError, StarDistUnavailable
 
     names = tune_names = None
-    if args.names_from is not None:
+    if args.names is not None and args.names_from is not None:
+        raise CommandError("--names and --names-from both choose the images: give one")
+    if args.names is not None:
+        from .data.splits import split_names
+        from .io.paths import TIFF_SUFFIXES, list_images
+
+        names = names_arg(args.names)
+        if isinstance(names, str):  # a split of the --sharp folder
+            names = split_names(names, [p.stem for p in list_images(args.sharp, TIFF_SUFFIXES)] if args.sharp.is_dir() else [])
+    elif args.names_from is not None:
         from .data import splits
 
         names = list({"test": splits.U2OS_TEST, "val": splits.U2OS_STARDIST_VAL, "train": splits.U2OS_TRAIN}[args.names_from])

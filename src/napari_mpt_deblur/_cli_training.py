@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._cli_common import EXIT_OK, CommandError, add_optics_flags, optics_flags
+from ._cli_common import EXIT_OK, CommandError, add_optics_flags, names_arg, optics_flags
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -128,16 +128,6 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
     except ValueError:
         raise CommandError(f"{flag} {text!r}: give MIN,MAX, e.g. {flag} 2,12") from None
     return abs(low), abs(high)
-
-
-def names_arg(text: str) -> str | list[str]:
-    """``--names``: a split name (e.g. ``u2os_train_and_val``) as is, else comma-separated file stems
-    (one stem is a list of one, not a split)."""
-    from typing import get_args
-
-    from .data.sources import SplitName
-
-    return text if text in get_args(SplitName) else [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
