@@ -45,13 +45,15 @@ LAYERS: dict[int, list[str]] = {
         "data.optics", "data.sources", "evaluation.metrics", "evaluation.matching", "evaluation.spectral", "evaluation.classical",
         "evaluation.sharpness", "evaluation.stardist_process", "models.config", "models.layers"],
     # 1 formats and models: image files, model files and networks, datasets, StarDist
-    1: ["io.images", "io.bioimageio_package", "data.samples", "data.loaders", "data.datasets", "data.builders",
+    1: ["io.images", "io.bioimageio_package", "data.samples", "data.loaders", "data.datasets", "data.validation_pairs",
+        "data.builders",
         "models.mpt", "models.h2t_unet", "models.record", "models.registry", "models.complexity", "models.phase_tying",
         "evaluation.stardist_runner"],
     # 2 the inference engine
     2: ["inference.*"],
     # 3 applications of the engine and the models: training, evaluation apps, model/metadata importers, demo
-    3: ["training.*", "evaluation.compare", "evaluation.benchmark", "evaluation.benchmark_report", "io.bioimageio",
+    3: ["training.*", "evaluation.compare", "evaluation.benchmark", "evaluation.benchmark_methods",
+        "evaluation.benchmark_report", "io.bioimageio",
         "io.bioimageio_arch", "io.optics_metadata", "demo"],
     # 4 front ends
     4: ["cli", "_cli*", "_widget*", "_sample_data"],

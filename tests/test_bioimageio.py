@@ -123,6 +123,29 @@ def test_shipped_mpt_package_passes_bioimageio_core_test_offline(tmp_path):
         assert torch.equal(loaded.model.state_dict()[key], value)
 
 
+def test_colour_model_package_normalises_all_channels_together_and_passes_the_core_test(tmp_path):
+    from napari_mpt_deblur.models import RGB_MODEL
+
+    out = tmp_path / "rgb"
+    export_bioimageio(RGB_MODEL, out, torchscript=False)
+    rdf = yaml.safe_load((out / "rdf.yaml").read_text())
+    (inp,) = rdf["inputs"]
+    assert next(a for a in inp["axes"] if a["type"] == "channel")["channel_names"] == ["channel0", "channel1", "channel2"]
+    # one range for all three channels, as training and our engine normalise a colour image
+    scale_range = next(p for p in inp["preprocessing"] if p["id"] == "scale_range")["kwargs"]
+    assert scale_range["axes"] == ["channel", "y", "x"]
+    x = np.load(out / "test_input.npy")
+    assert x.shape[:2] == (1, 3) and not np.array_equal(x[0, 0], x[0, 2])  # the real colour sample
+    assert tifffile.imread(out / "sample_input.tif").shape == x.shape[1:]
+    assert "stained tissue sections" in (out / "README.md").read_text()
+    _assert_passed(run_bioimageio_test(out))
+    # our engine on the test input (channels last, as napari holds RGB) gives the test output
+    engine = Deblurrer(str(out), InferenceSettings(device="cpu", tile=x.shape[-1], overlap=0, orientations=1))
+    ours = np.moveaxis(engine.deblur_plane(np.moveaxis(x[0], 0, -1)), -1, 0)
+    lo, hi = np.percentile(x[0], [0.1, 99.9])
+    np.testing.assert_allclose((ours - lo) / (hi - lo), np.load(out / "test_output.npy")[0], atol=1e-4)
+
+
 @pytest.fixture
 def tiny_package(tmp_path):
     torch.manual_seed(0)

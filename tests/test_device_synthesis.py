@@ -192,7 +192,7 @@ def test_coarse_normalisation_range_is_close_to_the_exact_one(sharp01):
     errors = []
     for i in range(10):
         item = ds[i]
-        node = int(item["kernel"])
+        node = int(item["kernel"][0])
         bank.ensure([node])
         # the same wide window at full resolution: centred crop of 480 px (the image is 520 x 696)
         rng = np.random.default_rng(i)

@@ -269,3 +269,10 @@ def test_benchmark_names_take_file_stems_or_a_split_of_the_folder(tmp_path, caps
     assert main([*common, "--names", "a", "--names-from", "test", "--out", str(tmp_path / "never")]) == 1
     assert "--names and --names-from both choose the images: give one" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+    # A held-out split's Wiener balance is tuned on images of the folder's training part, never on
+    # the benchmarked ones.
+    out = tmp_path / "tuned"
+    assert main([*common[:-2], "input,wiener", "--no-stardist", "--names", "dsb_fluo_test", "--wiener-tune-images", "2",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "Wiener balance (tuned per defocus on 2 images of" in (out / "summary.md").read_text()
+    assert "(a, b)" in (out / "summary.md").read_text()

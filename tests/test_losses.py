@@ -120,13 +120,16 @@ def test_one_step_on_the_efcr_term_alone_changes_the_weights():
     with_ext, cr_a = cr_grads(True)
     without_ext, cr_b = cr_grads(False)
     assert cr_a == pytest.approx(cr_b, rel=1e-5)  # same value, different gradient
+    scale = max(float(g.abs().max()) for g in without_ext.values())
     diff = max(float((with_ext[k] - without_ext[k]).abs().max()) for k in with_ext)
-    assert diff > 0
+    assert diff > 1e-3 * scale
     # Clipped (the default cap 1): this random net changes the reblurred high band by more than
-    # the reblur did, so L_ext sits above the cap and the extended pass gives no gradient at all.
+    # the reblur did, so L_ext sits above the cap and the extended pass gives no gradient at all
+    # (up to float32 rounding: the two graphs sum the same gradients in a different order).
     capped_ext, _ = cr_grads(True, cap=1.0)
     capped_no_ext, _ = cr_grads(False, cap=1.0)
-    assert max(float((capped_ext[k] - capped_no_ext[k]).abs().max()) for k in capped_ext) == 0
+    capped_scale = max(float(g.abs().max()) for g in capped_no_ext.values())
+    assert max(float((capped_ext[k] - capped_no_ext[k]).abs().max()) for k in capped_ext) < 1e-5 * capped_scale
 
 
 def test_efcrex_unlabeled_batch_gets_gradient_that_depends_on_it():

@@ -14,16 +14,17 @@ def test_manifest_validates():
     manifest = PluginManifest.from_distribution("napari-mpt-deblur")
     assert {w.display_name for w in manifest.contributions.widgets} == {
         "Deblur", "Fine-tune with EFCRex", "Calibrate to my microscope", "StarDist compare"}
-    assert len(manifest.contributions.sample_data) == 4
+    assert len(manifest.contributions.sample_data) == 5
 
 
 def test_samples_load_through_the_manifest(make_napari_viewer_proxy):
     viewer = make_napari_viewer_proxy()
-    for key in ("defocused_bbbc006", "in_focus_bbbc006", "u2os_nuclei", "synthetic_defocus_stack"):
+    for key in ("defocused_bbbc006", "in_focus_bbbc006", "u2os_nuclei", "synthetic_defocus_stack",
+                "defocused_tissue_rgb"):
         viewer.open_sample("napari-mpt-deblur", key)
     names = [layer.name for layer in viewer.layers]
     assert names == ["defocused BBBC006 z00", "in-focus BBBC006", "U2OS nuclei", "U2OS nuclei labels",
-                     "synthetic defocus z-stack (U2OS)"]
+                     "synthetic defocus z-stack (U2OS)", "stained tissue (RGB), 6 um defocus"]
     assert viewer.layers["defocused BBBC006 z00"].data.dtype == np.uint16
     assert viewer.layers["U2OS nuclei labels"].data.max() == 119
     stack = viewer.layers["synthetic defocus z-stack (U2OS)"]
@@ -34,8 +35,24 @@ def test_samples_load_through_the_manifest(make_napari_viewer_proxy):
     for layer in viewer.layers:
         assert [str(u) for u in layer.units][-2:] == ["micrometer", "micrometer"], (layer.name, layer.units)
         assert tuple(layer.scale)[-2:] == (0.645, 0.645), layer.name
-    # Plane 3 is in focus: it is the sharpest of the stack.
+    # The colour sample: an RGB layer, blurrier than the bundled in-focus section in every channel.
+    from scipy.ndimage import gaussian_filter
+
+    from napari_mpt_deblur.data.samples import tissue_rgb
     from napari_mpt_deblur.evaluation.sharpness import brenner
+
+    tissue = viewer.layers["stained tissue (RGB), 6 um defocus"]
+    assert tissue.rgb and tissue.data.shape == (256, 320, 3) and tissue.data.dtype == np.uint8
+    sharp = tissue_rgb()
+
+    def detail(plane: np.ndarray) -> float:  # band-pass energy: nuclear texture, not pixel noise
+        plane = plane.astype(np.float64)
+        return float(np.mean((gaussian_filter(plane, 1.5) - gaussian_filter(plane, 4.0)) ** 2))
+
+    for c in range(3):
+        assert detail(tissue.data[..., c]) < 0.6 * detail(sharp[..., c])
+    assert abs(float(tissue.data.mean()) - float(sharp.mean())) < 3  # same colours, only blurred
+    # Plane 3 is in focus: it is the sharpest of the stack.
 
     scores = [brenner(p) for p in stack.data]
     assert int(np.argmax(scores)) == 3

@@ -66,6 +66,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
     add_optics_flags(p, BENCHMARK_OPTICS.model_dump())
     p.add_argument("--psf-model", choices=["scalar", "vectorial", "gibson_lanni", "pupil"], default="scalar")
+    p.add_argument("--rgb", action="store_true",
+                   help="colour (RGB) images: each channel blurred at its own wavelength (0.61, 0.53, 0.46 um), "
+                        "RL/Wiener per channel; needs --no-stardist")
     p.add_argument("--peak-photons", type=float, default=1000.0, help="photons at intensity 1 (0: no noise)")
     p.add_argument("--read-noise", type=float, default=3.0, help="Gaussian read noise sigma, photons")
     p.add_argument("--seed", type=int, default=0)
@@ -85,11 +88,14 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from .data.optics import Acquisition
+    from .data.optics import RGB_WAVELENGTHS_UM, Acquisition
     from .evaluation.benchmark import BenchmarkConfig, run_benchmark
     from .evaluation.stardist_runner import StarDistModelError, StarDistUnavailable
 
     names = tune_names = None
+    if args.rgb and not args.no_stardist:
+        raise CommandError("--rgb needs --no-stardist: the shipped StarDist model segments grey fluorescence nuclei, "
+                           "not stained colour images")
     if args.names is not None and args.names_from is not None:
         raise CommandError("--names and --names-from both choose the images: give one")
     if args.names is not None:
@@ -98,7 +104,16 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
         names = names_arg(args.names)
         if isinstance(names, str):  # a split of the --sharp folder
-            names = split_names(names, [p.stem for p in list_images(args.sharp, TIFF_SUFFIXES)] if args.sharp.is_dir() else [])
+            split = names
+            stems = [p.stem for p in list_images(args.sharp, TIFF_SUFFIXES)] if args.sharp.is_dir() else []
+            names = split_names(split, stems)
+            if split.endswith("_test") and args.wiener_tune is None:
+                # Tune Wiener on images of the same folder that are not benchmarked: U2OS's StarDist
+                # validation split, or the first images of a held-out split's training part.
+                from .data import splits
+
+                tune_names = (list(splits.U2OS_STARDIST_VAL) if split == "u2os_test" else
+                              split_names(split[: -len("_test")] + "_train", stems)[: args.wiener_tune_images])
     elif args.names_from is not None:
         from .data import splits
 
@@ -109,7 +124,8 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     cfg = BenchmarkConfig(
         sharp_dir=args.sharp, labels_dir=args.labels, names=names, max_images=args.max_images, defocus_um=args.defocus,
         optics=Acquisition(**optics_flags(args)),
-        psf_model=args.psf_model, peak_photons=args.peak_photons if args.peak_photons > 0 else None,
+        psf_model=args.psf_model, channel_wavelengths_um=RGB_WAVELENGTHS_UM if args.rgb else None,
+        peak_photons=args.peak_photons if args.peak_photons > 0 else None,
         read_sigma_photons=args.read_noise, seed=args.seed, methods=args.methods, wiener_tune_dir=args.wiener_tune,
         wiener_tune_names=tune_names, wiener_tune_images=args.wiener_tune_images, stardist=not args.no_stardist,
         stardist_model=args.stardist_model, device=args.device, tile=args.tile,

@@ -42,3 +42,15 @@ def synthetic_defocus_stack():
             "optics": BENCHMARK_OPTICS.model_dump()}  # the optics the stack is made with
     return [(stack, {"name": "synthetic defocus z-stack (U2OS)", "metadata": meta, "scale": (spacing, PIXEL_UM, PIXEL_UM),
                      "axis_labels": ("z", "y", "x"), "units": ("um", "um", "um")}, "image")]
+
+
+def defocused_tissue_rgb():
+    from .data.optics import RGB_WAVELENGTHS_UM
+    from .models import RGB_MODEL
+
+    meta = {**_SOURCE, "defocus_um": samples.TISSUE_RGB_DEFOCUS_UM,
+            "psf": "scalar, 20x/0.45 NA air, per channel at " + ", ".join(f"{w:g}" for w in RGB_WAVELENGTHS_UM)
+                   + " um (R, G, B), 0.645 um pixels; noise: 1000 photons peak, read 3",
+            "deblur_with": RGB_MODEL}
+    return [(samples.defocused_tissue_rgb(), {"name": "stained tissue (RGB), 6 um defocus", "metadata": meta, "rgb": True,
+                                               **_GEOMETRY_2D}, "image")]

@@ -78,7 +78,7 @@ def build_paired_dataset(sources: Sequence[Any], patch: PatchConfig, seed: int) 
     parts = []
     for src in sources:
         if isinstance(src, SyntheticSource):
-            images, names = D.load_images(src.sharp, _names(src.names, src.sharp), src.exclude)
+            images, names = D.load_images(src.sharp, _names(src.names, src.sharp), src.exclude, src.defocus.channels)
             labels = None
             if src.labels is not None:
                 labels, _ = D.load_images(src.labels, names)
@@ -104,12 +104,13 @@ def build_validation_pairs(data: Any, crop: int | None, seed: int) -> list[D.Pai
     """Fixed validation pairs from a validation source (synthetic, paired or in memory), centre-cropped
     to ``crop`` px (None: whole images); ``seed`` fixes the synthetic blur and noise."""
     if isinstance(data, SyntheticValidation):
-        images, names = D.load_images(data.sharp, _names(data.names, data.sharp))
+        channels = len(data.channel_wavelengths_um) if data.channel_wavelengths_um else 1
+        images, names = D.load_images(data.sharp, _names(data.names, data.sharp), channels=channels)
         if data.max_images is not None:
             images, names = images[: data.max_images], names[: data.max_images]
         return D.synthetic_validation_pairs(
             images, names, data.defocus_um, data.optics, data.psf_model, data.peak_photons, data.read_sigma_photons,
-            crop=crop, seed=seed,
+            crop=crop, seed=seed, channel_wavelengths_um=data.channel_wavelengths_um,
         )
     if isinstance(data, ArraysValidation):
         raise _in_memory_error(data)

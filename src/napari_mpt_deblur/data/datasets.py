@@ -4,6 +4,9 @@ automatically found focal plane, synthetic defocus pairs from sharp images, and 
 Conventions shared by every dataset here:
 
 * Images are 2D, single channel (RGB is averaged to grey); uint8, uint16 and float all work.
+  The exception: synthetic pairs for a multi-channel (RGB) model, whose ``DefocusRange`` names a
+  wavelength per channel; their images are (C, H, W) and are normalised jointly (one percentile
+  range for all channels, as inference normalises an RGB plane), which keeps the colour balance.
 * A pair is brought to REFERENCE units first: the sharp image's 0.1 / 99.9 percentiles map to
   0 / 1 and the blurred image gets the same affine map (for synthetic pairs the sharp image is
   normalised and then blurred, so they already share units). Validation PSNR/SSIM are measured in
@@ -30,6 +33,7 @@ from .normalisation import NormalisationConfig, normalise, percentile_range
 from .loaders import (  # noqa: F401
     Pair,
     as_2d,
+    as_channels,
     best_focus_plane,
     focus_scores,
     load_folder_pairs,
@@ -40,9 +44,10 @@ from .loaders import (  # noqa: F401
     read_image_2d,
     reference_units,
 )
-from .optics import Acquisition
 from .psf import defocus_psf
 from .synthesis import DEPTH_LEVELS, DefocusRange, add_camera_noise, blur, synthesize_depth
+# Fixed validation pairs live in .validation_pairs; re-exported here for existing imports.
+from .validation_pairs import crop_pairs, synthetic_validation_pairs  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # Patches and augmentation
@@ -86,19 +91,22 @@ def _resize(img: np.ndarray, side: int) -> np.ndarray:
 
 
 def _dihedral(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random flip/rotation of the last two axes of every array."""
     k = int(rng.integers(4))
     flip = bool(rng.integers(2))
     out = []
     for a in arrays:
-        a = np.rot90(a, k)
-        out.append(np.ascontiguousarray(a[:, ::-1] if flip else a))
+        a = np.rot90(a, k, axes=(-2, -1))
+        out.append(np.ascontiguousarray(a[..., ::-1] if flip else a))
     return out
 
 
 def _to_tensor(a: np.ndarray):
+    """(H, W) -> (1, H, W) float32 tensor; (C, H, W) stays (C, H, W)."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return t[None] if t.ndim == 2 else t
 
 
 class _Base:
@@ -173,14 +181,20 @@ class SyntheticPatches(_Base):
 
         if not sharp:
             raise ValueError("no sharp images for synthetic pairs")
-        self.images = [reference_units(as_2d(s, f"sharp image {i}"), norm=patch.normalisation)[0]
+        self.defocus = defocus or DefocusRange()
+        channels = self.defocus.channels
+        if channels > 1 and labels is not None and per_object_prob > 0:
+            raise ValueError("per-object depth (labels with per_object_prob > 0) is for single-channel images; "
+                             f"these have {channels} channels (defocus.channel_wavelengths_um)")
+        # Multi-channel images are (C, H, W), normalised jointly; single-channel ones stay (H, W).
+        self.images = [reference_units(as_channels(s, channels, f"sharp image {i}") if channels > 1
+                                       else as_2d(s, f"sharp image {i}"), norm=patch.normalisation)[0]
                        for i, s in enumerate(sharp)]
         self.names = list(names) if names is not None else [f"image {i}" for i in range(len(self.images))]
         self.labels = None if labels is None else [np.asarray(lab) for lab in labels]
         if self.labels is not None and len(self.labels) != len(self.images):
             raise ValueError(f"{len(self.labels)} label images for {len(self.images)} sharp images")
         self.patch = patch
-        self.defocus = defocus or DefocusRange()
         self.seed = seed
         self.per_object_prob = per_object_prob
         self.context = max(context, patch.size)
@@ -199,8 +213,15 @@ class SyntheticPatches(_Base):
         return len(self.images)
 
     def _node(self, draw, radius_px: float | None = None) -> int:
+        """Bank node of a single-channel draw (optionally at another blur radius, px)."""
         grid = self.grids[draw.objective]
         return grid.node(draw.wavelength_um / draw.pixel_um, draw.radius_px if radius_px is None else radius_px)
+
+    def _channel_nodes(self, draw) -> np.ndarray:
+        """Bank node of each channel of a draw, (C,) int64: same blur radius, own wavelength."""
+        grid = self.grids[draw.objective]
+        return np.asarray([grid.node(w / draw.pixel_um, draw.radius_px) for w in self.defocus.channel_wavelengths(draw)],
+                          dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict:
         rng = _rng(self.seed, index)
@@ -211,8 +232,8 @@ class SyntheticPatches(_Base):
         side = p + ks - 1
         s = float(rng.uniform(*self.patch.scale))
         # Patch position in source pixels; the context adds the kernel's half support around it.
-        y = float(rng.uniform(0, max(img.shape[0] - p / s, 0)))
-        x = float(rng.uniform(0, max(img.shape[1] - p / s, 0)))
+        y = float(rng.uniform(0, max(img.shape[-2] - p / s, 0)))
+        x = float(rng.uniform(0, max(img.shape[-1] - p / s, 0)))
         half_src = (ks // 2) / s
         box = (y - half_src, x - half_src, side / s)
         sharp = _window(img, *box, out=side)
@@ -235,7 +256,7 @@ class SyntheticPatches(_Base):
             "bank": self.bank_key,
             "sharp": _to_tensor(sharp),
             "norm": _to_tensor(norm),
-            "kernel": np.int64(levels[0]),
+            "kernel": self._channel_nodes(draw),
             "levels": levels,
             "level_map": np.ascontiguousarray(level_map, dtype=np.int8),
             "per_object": np.bool_(per_object),
@@ -256,15 +277,16 @@ class SyntheticPatches(_Base):
         n = self.coarse_side
         shape = []
         starts = []
-        for c, length in ((cy / q, small_img.shape[0]), (cx / q, small_img.shape[1])):
+        for c, length in ((cy / q, small_img.shape[-2]), (cx / q, small_img.shape[-1])):
             extent = min(length, max(1, round(self.context / (s * q))))
             starts.append(int(min(max(round(c - extent / 2), 0), length - extent)))
             shape.append(extent)
-        crop = small_img[starts[0] : starts[0] + shape[0], starts[1] : starts[1] + shape[1]]
+        crop = small_img[..., starts[0] : starts[0] + shape[0], starts[1] : starts[1] + shape[1]]
         out_shape = tuple(min(n, max(1, round(e * s * q / self.coarse))) for e in shape)
         small = _resize_linear(crop, out_shape)
-        if small.shape != (n, n):
-            small = np.pad(small, ((0, n - small.shape[0]), (0, n - small.shape[1])), mode="symmetric")
+        if small.shape[-2:] != (n, n):
+            pads = [(0, 0)] * (small.ndim - 2) + [(0, n - small.shape[-2]), (0, n - small.shape[-1])]
+            small = np.pad(small, pads, mode="symmetric")
         return small
 
     def pair(self, index: int, device: str = "cpu") -> dict:
@@ -280,6 +302,8 @@ class SyntheticPatches(_Base):
         ``context`` window, noise, window percentiles): the "before" of the data benchmark."""
         from skimage.transform import resize
 
+        if self.defocus.channels > 1:
+            raise NotImplementedError("the reference (all-numpy) pipeline is single-channel")
         rng = _rng(self.seed, index)
         k = int(rng.integers(len(self.images)))
         img = self.images[k]
@@ -316,45 +340,49 @@ class SyntheticPatches(_Base):
 
 
 def _window(img: np.ndarray, y0: float, x0: float, side_src: float, out: int, nearest: bool = False) -> np.ndarray:
-    """The square ``img[y0 : y0 + side_src, x0 : x0 + side_src]`` (source pixels, may reach past
-    the border, where it is mirrored) resampled to ``out x out``: bilinear with antialiasing, or
-    nearest for label images."""
+    """The square ``img[..., y0 : y0 + side_src, x0 : x0 + side_src]`` (source pixels, may reach
+    past the border, where it is mirrored) resampled to ``out x out``: bilinear with antialiasing,
+    or nearest for label images. ``img``: (H, W) or (C, H, W)."""
     side = max(1, round(side_src))
     yi, xi = round(y0), round(x0)
-    h, w = img.shape
-    crop = img[max(yi, 0) : max(min(yi + side, h), 0), max(xi, 0) : max(min(xi + side, w), 0)]
+    h, w = img.shape[-2:]
+    crop = img[..., max(yi, 0) : max(min(yi + side, h), 0), max(xi, 0) : max(min(xi + side, w), 0)]
     pads = ((max(-yi, 0), max(yi + side - h, 0)), (max(-xi, 0), max(xi + side - w, 0)))
     if any(any(pad) for pad in pads):
-        crop = np.pad(crop, pads, mode="symmetric")
+        crop = np.pad(crop, [(0, 0)] * (crop.ndim - 2) + list(pads), mode="symmetric")
     if side == out:
         return crop
     if nearest:
         idx = np.minimum(((np.arange(out) + 0.5) * side / out).astype(np.int64), side - 1)
-        return crop[np.ix_(idx, idx)]
+        return crop[..., idx[:, None], idx[None, :]]
     return _resize_linear(crop, (out, out))
 
 
 def _block_mean(img: np.ndarray, q: int) -> np.ndarray:
-    """Means of q x q blocks (the last partial blocks dropped), float32."""
+    """Means of q x q blocks of the last two axes (the last partial blocks dropped), float32."""
     if q == 1:
         return np.asarray(img, dtype=np.float32)
-    h, w = img.shape[0] // q * q, img.shape[1] // q * q
+    h, w = img.shape[-2] // q * q, img.shape[-1] // q * q
     if h == 0 or w == 0:
         return np.asarray(img, dtype=np.float32)
-    return img[:h, :w].reshape(h // q, q, w // q, q).mean(axis=(1, 3), dtype=np.float32)
+    lead = img.shape[:-2]
+    return img[..., :h, :w].reshape(*lead, h // q, q, w // q, q).mean(axis=(-3, -1), dtype=np.float32)
 
 
 def _resize_linear(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize, antialiased when shrinking by more than 1.5x, (h, w) -> ``shape``, float32."""
-    if tuple(img.shape) == tuple(shape):
+    """Bilinear resize of the last two axes, antialiased when shrinking by more than 1.5x:
+    (h, w) -> ``shape`` or (C, h, w) -> (C, *shape), float32."""
+    if tuple(img.shape[-2:]) == tuple(shape):
         return np.asarray(img, dtype=np.float32)
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    t = t.reshape(1, -1, *t.shape[-2:])
     # Antialiasing only for real shrinking: the training scales (0.75-1.25) alias negligibly.
-    shrink = shape[0] * 1.5 < img.shape[0] or shape[1] * 1.5 < img.shape[1]
-    return F.interpolate(t, size=shape, mode="bilinear", antialias=shrink, align_corners=False)[0, 0].numpy()
+    shrink = shape[0] * 1.5 < img.shape[-2] or shape[1] * 1.5 < img.shape[-1]
+    out = F.interpolate(t, size=shape, mode="bilinear", antialias=shrink, align_corners=False)[0]
+    return out.reshape(*img.shape[:-2], *shape).numpy()
 
 
 def collate(items: Sequence[dict]) -> dict:
@@ -434,41 +462,3 @@ class UnlabeledPatches(_Base):
             (patch,) = _dihedral([patch], rng)
         lo, hi = self._ranges[k]
         return {"inp": _to_tensor(normalise(patch, lo, hi))}
-
-
-def synthetic_validation_pairs(sharp: Sequence[np.ndarray], names: Sequence[str], defocus_um: Sequence[float],
-                               optics: Acquisition | None = None, psf_model: str = "scalar",
-                               peak_photons: float | None = 1000.0, read_sigma_photons: float = 3.0,
-                               crop: int | None = 256, seed: int = 0) -> list[Pair]:
-    """Fixed validation pairs at each defocus (um) with ``optics`` (default: the benchmark's
-    microscope, :data:`~napari_mpt_deblur.data.optics.BENCHMARK_OPTICS`; docs/benchmarks.md).
-
-    Each sharp image is normalised to [0, 1] by its own percentiles, blurred with the full
-    (automatically sized) PSF, made noisy with a seed per image and defocus (so every run
-    validates on identical inputs) and then centre-cropped to ``crop`` if given.
-    """
-    from .optics import BENCHMARK_OPTICS
-    from .synthesis import synthesize_defocus
-
-    optics = optics or BENCHMARK_OPTICS
-    pairs = []
-    for i, (img, name) in enumerate(zip(sharp, names)):
-        gt = reference_units(as_2d(img, name))[0]
-        for j, dz in enumerate(defocus_um):
-            params = optics.psf_params(dz, model=psf_model)
-            inp = synthesize_defocus(gt, params, peak_photons, read_sigma_photons, rng=np.random.default_rng([seed, i, j]))
-            pairs.append(Pair(inp=inp, gt=gt, name=f"{name}@{dz:g}um"))
-    # Blur the whole image, then crop: the crop's borders see real neighbours, not reflections.
-    return crop_pairs(pairs, crop)
-
-
-def crop_pairs(pairs: Sequence[Pair], crop: int | None) -> list[Pair]:
-    """Centre crops of validation pairs (None: unchanged)."""
-    if crop is None:
-        return list(pairs)
-    out = []
-    for p in pairs:
-        h, w = p.inp.shape
-        y0, x0 = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
-        out.append(Pair(inp=p.inp[y0 : y0 + crop, x0 : x0 + crop], gt=p.gt[y0 : y0 + crop, x0 : x0 + crop], name=p.name))
-    return out

@@ -35,9 +35,10 @@ from .synthesis import DEPTH_LEVELS
 def fft_blur_valid(windows: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Convolve each window with its kernels by FFT and keep the valid part.
 
-    ``windows``: (B, 1, H, W); ``kernels``: (B, L, K, K) -> (B, L, H - K + 1, W - K + 1), i.e.
-    ``scipy.signal.fftconvolve(window, kernel, mode="valid")`` for every pair. Computed in
-    float32 (float64 windows stay float64).
+    ``windows``: (B, 1, H, W) with ``kernels`` (B, L, K, K) (one window, L kernels), or
+    (B, C, H, W) with (B, C, K, K) (each channel its own kernel) -> (B, L or C, H - K + 1,
+    W - K + 1), i.e. ``scipy.signal.fftconvolve(window, kernel, mode="valid")`` for every pair.
+    Computed in float32 (float64 windows stay float64).
     """
     b, _, h, w = windows.shape
     k = kernels.shape[-1]
@@ -105,13 +106,14 @@ def generators_for(seeds: torch.Tensor, device: torch.device) -> list[torch.Gene
 
 
 def pool_kernels(kernels: torch.Tensor, factor: int) -> torch.Tensor:
-    """Kernels on a grid ``factor`` times coarser: (B, K, K) -> (B, ceil(K/f), ceil(K/f)), sums kept."""
+    """Kernels on a grid ``factor`` times coarser: (..., K, K) -> (..., ceil(K/f), ceil(K/f)), sums kept."""
     if factor == 1:
         return kernels
     k = kernels.shape[-1]
     pad = (-k) % factor
-    padded = F.pad(kernels[:, None], (0, pad, 0, pad))
-    return F.avg_pool2d(padded, factor)[:, 0] * factor * factor
+    padded = F.pad(kernels.reshape(-1, 1, k, k), (0, pad, 0, pad))
+    pooled = F.avg_pool2d(padded, factor)[:, 0] * factor * factor
+    return pooled.reshape(*kernels.shape[:-2], *pooled.shape[-2:])
 
 
 def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -169,17 +171,19 @@ class BatchSynthesizer:
         self.feather_px = feather_px
 
     def __call__(self, group: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``group`` (see ``SyntheticPatches``): sharp (B, 1, C, C), norm (B, 1, N, N), kernel (B,),
-        levels (B, 4), level_map (B, C, C) int8, per_object (B,) bool, peak, read (B,), seed (B,),
-        coarse (B,). Returns (inp, gt), each (B, 1, P, P) float32 with P = C - K + 1."""
+        """``group`` (see ``SyntheticPatches``): sharp (B, Ch, S, S), norm (B, Ch, N, N), kernel
+        (B, Ch) (a kernel per channel), levels (B, 4), level_map (B, S, S) int8, per_object (B,)
+        bool (single-channel only), peak, read (B,), seed (B,), coarse (B,). Returns (inp, gt),
+        each (B, Ch, P, P) float32 with P = S - K + 1, both normalised by one range per sample
+        (all channels together, as inference normalises a plane)."""
         g = {k: v.to(device, non_blocking=True) for k, v in group.items()}
-        nodes = torch.cat([g["kernel"], g["levels"].flatten()]).cpu().numpy()
+        nodes = torch.cat([g["kernel"].flatten(), g["levels"].flatten()]).cpu().numpy()
         bank = self.bank.on_device(device, nodes)
         sharp = g["sharp"].float()
         k = bank.shape[-1]
         half = k // 2
         per_object = g["per_object"]
-        blurred = fft_blur_valid(sharp, bank[g["kernel"]][:, None])[:, 0:1]
+        blurred = fft_blur_valid(sharp, bank[g["kernel"]])
         if bool(per_object.any()):
             idx = per_object.nonzero().flatten()
             blurred[idx] = self._depth_composite(sharp[idx], bank[g["levels"][idx]], g["level_map"][idx], half)
@@ -207,7 +211,7 @@ class BatchSynthesizer:
     def _range(self, coarse: torch.Tensor, kernels: torch.Tensor, factor: int, peak: torch.Tensor,
                read: torch.Tensor, gens: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalisation range from the coarse wide window, blurred and noisy like the patch."""
-        small = pool_kernels(kernels, factor)[:, None]
+        small = pool_kernels(kernels, factor)
         kc = small.shape[-1]
         # Reflect padding keeps the valid blur the window's size (percentiles ignore the
         # half-pixel shift of an even pooled kernel).

@@ -37,6 +37,25 @@ def as_2d(arr: np.ndarray, name: str = "image") -> np.ndarray:
     return a
 
 
+def as_channels(arr: np.ndarray, channels: int, name: str = "image") -> np.ndarray:
+    """(C, H, W) float32 of a ``channels``-channel image given channels-last (RGB(A), H x W x C)
+    or channels-first; an alpha channel is dropped. ``channels == 1``: :func:`as_2d` with a leading
+    axis. Anything else is an error that names the shape."""
+    if channels == 1:
+        return as_2d(arr, name)[None]
+    a = np.squeeze(np.asarray(arr))
+    if a.ndim == 3 and a.shape[-1] in (channels, channels + 1) and a.shape[0] not in (channels, channels + 1):
+        a = np.moveaxis(a[..., :channels], -1, 0)
+    elif a.ndim == 3 and a.shape[0] == channels:
+        pass
+    else:
+        raise ImageReadError(f"{name}: expected a {channels}-channel image (H x W x {channels}), got shape {np.shape(arr)}")
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ImageReadError(f"{name}: contains NaN or Inf values")
+    return a
+
+
 def read_image_2d(path: str | os.PathLike) -> np.ndarray:
     return as_2d(read_array(path), str(path))
 
@@ -51,7 +70,7 @@ def reference_units(sharp: np.ndarray, blurred: np.ndarray | None = None,
 
 @dataclass
 class Pair:
-    """A full-size training pair in reference units (float32, H x W)."""
+    """A full-size training pair in reference units (float32, (H, W), or (C, H, W) for multi-channel)."""
 
     inp: np.ndarray
     gt: np.ndarray
@@ -172,8 +191,9 @@ def load_zstack_pairs(path: str | os.PathLike, focus_plane: int | None = None, m
 
 
 def load_images(source: str | os.PathLike | Sequence[str | os.PathLike], names: Sequence[str] | None = None,
-                exclude: Sequence[str] = ()) -> tuple[list[np.ndarray], list[str]]:
-    """Read 2D images from a folder (optionally only the given name stems) or a list of files."""
+                exclude: Sequence[str] = (), channels: int = 1) -> tuple[list[np.ndarray], list[str]]:
+    """Read 2D images from a folder (optionally only the given name stems) or a list of files:
+    (H, W) grey (RGB averaged), or (C, H, W) float32 with ``channels`` > 1."""
     if isinstance(source, (str, os.PathLike)):
         files = list_images(source)
         if names is not None:
@@ -187,4 +207,6 @@ def load_images(source: str | os.PathLike | Sequence[str | os.PathLike], names: 
     files = [f for f in files if not any(e in f.stem for e in exclude)]
     if not files:
         raise ImageReadError(f"no images left in {source} after excluding {list(exclude)}")
+    if channels > 1:
+        return [as_channels(read_array(f), channels, str(f)) for f in files], [f.stem for f in files]
     return [read_image_2d(f) for f in files], [f.stem for f in files]

@@ -132,6 +132,13 @@ def calibrated_model_name(base: str, optics: Acquisition) -> str:
 #: 0.461 um, 0.645 um pixels in the sample plane. Also the synthetic sample z-stack's optics.
 BENCHMARK_OPTICS = Acquisition(na=0.45, immersion_index=1.0, wavelength_um=0.461, pixel_um=0.645)
 
+#: Centre wavelengths (um) of a colour camera's red, green and blue channels under white light (the
+#: transmission peaks of typical Bayer filters): what an RGB model's training and the RGB benchmark
+#: blur each channel at. Brightfield (transmitted-light) imaging is modelled as INCOHERENT, like
+#: fluorescence: an approximation (partially coherent illumination, absorption and phase make the
+#: real defocus of a stained section differ, most at high condenser coherence).
+RGB_WAVELENGTHS_UM = (0.61, 0.53, 0.46)
+
 #: The fields of :class:`Acquisition`, in the order messages and flags list them.
 OPTICS_FIELDS = ("na", "immersion_index", "wavelength_um", "pixel_um")
 

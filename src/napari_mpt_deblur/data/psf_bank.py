@@ -102,7 +102,8 @@ def _nearest(nodes: np.ndarray, value: float) -> int:
 def _grids(defocus) -> list[ObjectiveGrid]:
     """One grid per objective of a :class:`DefocusRange`, covering everything it can draw."""
     grids, offset = [], 0
-    wl_lo, wl_hi = defocus.wavelength_um
+    wavelengths = defocus.channel_wavelengths_um or defocus.wavelength_um
+    wl_lo, wl_hi = min(wavelengths), max(wavelengths)
     for obj in defocus.objectives:
         pix_lo, pix_hi = obj.pixel_um
         tan = obj.na / math.sqrt(obj.immersion_index**2 - obj.na**2)

@@ -109,6 +109,9 @@ class SyntheticValidation(_Strict):
     psf_model: Literal["scalar", "vectorial", "gibson_lanni", "pupil"] = "scalar"
     peak_photons: float | None = 1000.0
     read_sigma_photons: float = 3.0
+    #: Multi-channel (RGB) validation: the wavelength each channel is blurred at, um (e.g.
+    #: ``data.optics.RGB_WAVELENGTHS_UM``); ``optics.wavelength_um`` is then unused.
+    channel_wavelengths_um: tuple[float, ...] | None = Field(None, min_length=2, max_length=16)
 
     @model_validator(mode="before")
     @classmethod

@@ -7,7 +7,7 @@ it is only the EFCR reblur (``losses.efcr``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,12 +80,24 @@ def synthesize_defocus(
     peak_photons: float | None = 1000.0,
     read_sigma_photons: float = 3.0,
     rng: RngLike = None,
+    channel_wavelengths_um: Sequence[float] | None = None,
 ) -> np.ndarray:
     """A defocused, noisy version of ``sharp01``: ``add_camera_noise(blur(sharp01, PSF(params)))``.
 
     ``peak_photons=None`` means noise-free (the blurred image as float32).
+    ``channel_wavelengths_um``: ``sharp01`` is (C, H, W) and channel ``c`` is seen at
+    ``channel_wavelengths_um[c]`` (the PSF of ``params`` at that wavelength, e.g. RGB); the noise
+    is drawn for all channels at once.
     """
-    blurred = blur(np.asarray(sharp01, dtype=np.float64), defocus_psf(params))
+    img = np.asarray(sharp01, dtype=np.float64)
+    if channel_wavelengths_um is None:
+        blurred = blur(img, defocus_psf(params))
+    else:
+        if img.ndim != 3 or img.shape[0] != len(channel_wavelengths_um):
+            raise ValueError(f"expected a ({len(channel_wavelengths_um)}, H, W) image for {len(channel_wavelengths_um)} "
+                             f"channel wavelengths, got shape {img.shape}")
+        blurred = np.stack([blur(plane, defocus_psf(params.model_copy(update={"wavelength_um": float(w)})))
+                            for plane, w in zip(img, channel_wavelengths_um)])
     if peak_photons is None:
         return blurred.astype(np.float32)
     return add_camera_noise(blurred, peak_photons, read_sigma_photons, rng)
@@ -206,6 +218,26 @@ class DefocusRange(BaseModel):
     max_kernel: int = Field(129, ge=3)
     peak_photons: tuple[float, float] | None = (200.0, 5000.0)
     read_sigma_photons: tuple[float, float] = (1.0, 5.0)
+    #: Multi-channel images (RGB): the centre wavelength of each channel, um. Every channel is
+    #: blurred with the draw's PSF (same objective, pixel size, defocus) at its own wavelength, and
+    #: ``wavelength_um`` is not drawn from. None: single-channel images at the drawn wavelength.
+    channel_wavelengths_um: tuple[float, ...] | None = Field(None, min_length=2, max_length=16)
+
+    @field_validator("channel_wavelengths_um")
+    @classmethod
+    def _visible(cls, value):
+        if value is not None and not all(0.2 < w < 2.0 for w in value):
+            raise ValueError(f"channel wavelengths must be in um, between 0.2 and 2.0, got {value}")
+        return value
+
+    @property
+    def channels(self) -> int:
+        """Channels of the images this range blurs (1 unless ``channel_wavelengths_um`` is set)."""
+        return 1 if self.channel_wavelengths_um is None else len(self.channel_wavelengths_um)
+
+    def channel_wavelengths(self, draw: OpticsDraw) -> tuple[float, ...]:
+        """The wavelength each channel of a draw is blurred at, um."""
+        return self.channel_wavelengths_um or (draw.wavelength_um,)
 
     @field_validator("wavelength_um", "blur_radius_px", "defocus_um", "peak_photons", "read_sigma_photons")
     @classmethod

@@ -12,6 +12,11 @@ each method and compare with the sharp image:
   (``wiener_tune_dir``, else the first benchmark images, said in the report); ``wiener:B`` uses B;
 * ``mpt:NAME`` / ``h2t:NAME`` / ``model:NAME``: a saved deblurring model (``models.registry``).
 
+Colour images (``channel_wavelengths_um``, ``--rgb``): every channel is blurred with the PSF at its
+own wavelength, RL and Wiener restore each channel with its own true PSF (one Wiener balance for all
+channels), PSNR is over all channels, SSIM the mean of the per-channel SSIMs; no StarDist (the shipped
+StarDist model is for fluorescence nuclei).
+
 StarDist (the project's shipped model unless another is named) segments the sharp image and every
 restored one; with ground-truth labels the matching is against them, otherwise against StarDist's
 segmentation of the sharp image (the table says which). Writes, atomically, into ``out_dir``:
@@ -23,7 +28,6 @@ interrupted run keeps what it finished), ``config.json``, ``benchmark.png`` (ima
 from __future__ import annotations
 
 import math
-import re
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -35,9 +39,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.optics import BENCHMARK_OPTICS, Acquisition, fold_optics
-from ..inference.settings import ORIENTATION_COUNTS, TileSide
+from ..inference.settings import TileSide
 from ..io.atomic import write_text_atomic
 from ..io.paths import TIFF_SUFFIXES, list_images
+from .benchmark_methods import (  # noqa: F401  (re-exported: the benchmark's methods live there)
+    MethodSpec,
+    ModelRestorer,
+    Restorer,
+    make_restorer,
+    parse_method,
+    parse_methods,
+)
 from .compare import rows_to_csv
 from .matching import IOU_CURVE, IOU_THRESHOLDS, MatchingReport, gap_recovered, match_labels, pool_counts
 from .benchmark_report import MIN_AP_GAP, _ap_plot, _image_grid, _write_config, summary_markdown
@@ -65,6 +77,9 @@ class BenchmarkConfig(BaseModel):
     #: The microscope the defocus is synthesised for (default: 20x/0.45 air, 0.461 um, 0.645 um).
     optics: Acquisition = BENCHMARK_OPTICS
     psf_model: Literal["scalar", "vectorial", "gibson_lanni", "pupil"] = "scalar"
+    #: Colour images: the wavelength each channel is blurred at, um (``optics.wavelength_um`` is then
+    #: unused); e.g. ``data.optics.RGB_WAVELENGTHS_UM``. None: grey images.
+    channel_wavelengths_um: tuple[float, ...] | None = Field(None, min_length=2, max_length=16)
     peak_photons: float | None = 1000.0
     read_sigma_photons: float = 3.0
     seed: int = 0
@@ -91,133 +106,16 @@ class BenchmarkConfig(BaseModel):
             raise ValueError("defocus values must be finite numbers (um)")
         return v
 
-
-# --------------------------------------------------------------------------------------------
-# Methods
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One restoration method of the benchmark. ``key`` is its label in the tables."""
-
-    key: str
-    kind: Literal["input", "rl", "wiener", "model"]
-    iterations: int = 0
-    balance: float | None = None
-    model: str | None = None
-    arch: str | None = None
-    #: Orientations averaged per tile (``mpt:M@4``; :mod:`~napari_mpt_deblur.inference.orientations`);
-    #: None (a plain ``mpt:M``): the model's own default, as ``mpt-deblur predict`` uses it.
-    orientations: int | None = None
-
-
-_MODEL_PREFIXES = {"mpt": "mpt", "h2t": "h2t_unet", "h2t_unet": "h2t_unet", "model": None}
-
-
-def parse_method(text: str) -> MethodSpec:
-    """Parse a method name: ``input``, ``rl``, ``rlN``, ``wiener``, ``wiener:B``, ``mpt:M``, ``h2t:M``,
-    ``model:M``; a model method may end in ``@1``, ``@4`` or ``@8``: that many orientations averaged
-    per tile (without it: the model's default, ``ModelRecord.orientations``)."""
-    t = text.strip()
-    if t == "input":
-        return MethodSpec("input", "input")
-    if t == "rl":
-        return MethodSpec("rl30", "rl", iterations=30)
-    if m := re.fullmatch(r"rl(\d+)", t):
-        n = int(m.group(1))
-        if n < 1:
-            raise ValueError(f"method {t!r}: Richardson-Lucy needs at least 1 iteration")
-        return MethodSpec(t, "rl", iterations=n)
-    if t == "wiener":
-        return MethodSpec("wiener", "wiener")
-    if t.startswith("wiener:"):
-        try:
-            b = float(t.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"method {t!r}: expected wiener:BALANCE with a number") from None
-        if not b > 0:
-            raise ValueError(f"method {t!r}: the Wiener balance must be positive")
-        return MethodSpec(t, "wiener", balance=b)
-    prefix, sep, name = t.partition(":")
-    if sep and prefix in _MODEL_PREFIXES and name:
-        orientations = None
-        if m := re.fullmatch(r"(.+)@(\w+)", name):
-            name, count = m.groups()
-            if not count.isdigit() or int(count) not in ORIENTATION_COUNTS:
-                raise ValueError(f"method {t!r}: @{count} is not an orientation count; use @1 (one pass), "
-                                 "@4 (flips) or @8 (flips and transposes)")
-            orientations = int(count)
-        return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix], orientations=orientations)
-    raise ValueError(
-        f"unknown method {t!r}: use input, rl, rlN (e.g. rl10), wiener, wiener:BALANCE, mpt:MODEL, h2t:MODEL or "
-        "model:MODEL (a model method may end in @1, @4 or @8: orientations averaged; without: the model's default)"
-    )
-
-
-def parse_methods(texts: Sequence[str]) -> list[MethodSpec]:
-    """Parse and de-duplicate; ``input`` is always included (first): it is the blurred baseline."""
-    specs = [parse_method(t) for t in texts]
-    keys = [s.key for s in specs]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise ValueError(f"methods listed twice: {', '.join(dupes)}")
-    if "input" not in keys:
-        specs.insert(0, MethodSpec("input", "input"))
-    return specs
-
-
-class ModelRestorer:
-    """A saved deblurring model applied to a [0, 1]-like float image (H, W) -> (H, W) float32.
-
-    Runs through the inference engine (:class:`~napari_mpt_deblur.inference.Deblurrer`), exactly as
-    ``mpt-deblur predict`` does: the plane is scaled by the model's own normalisation (percentiles
-    of the blurred image), restored tile by tile with blending (the engine's default tile for the
-    device unless ``tile`` is given) and scaled back. A grey image given to a multi-channel model
-    is repeated over its channels and the first output channel is kept.
-    """
-
-    def __init__(self, name: str, device: str = "auto", arch: str | None = None, tile: int | None = None,
-                 orientations: int | None = None) -> None:
-        from ..inference import Deblurrer, InferenceSettings
-
-        self.engine = Deblurrer(name, InferenceSettings(device=device, tile=tile, output_dtype="float32",
-                                                        orientations=orientations))
-        self.loaded = self.engine.loaded
-        self.device = self.engine.device
-        found = self.loaded.record.architecture.arch
-        if arch is not None and found != arch:
-            raise ValueError(f"model {name!r} is a {found} model, not {arch}; use {found.split('_')[0]}:{name} or model:{name}")
+    @model_validator(mode="after")
+    def _colour_without_stardist(self) -> BenchmarkConfig:
+        if self.channel_wavelengths_um is not None and self.stardist:
+            raise ValueError("StarDist AP is for grey fluorescence images; a colour benchmark needs stardist off "
+                             "(--no-stardist)")
+        return self
 
     @property
-    def description(self) -> str:
-        r = self.loaded.record
-        tile, overlap, _ = self.engine.current_tile
-        return (f"{r.name} ({r.architecture.arch}/{r.architecture.preset}{'' if r.trained else ', UNTRAINED'}; "
-                f"tile {tile}, overlap {overlap}{self.engine.settings.orientations_note})")
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        img = np.asarray(image, dtype=np.float32)
-        channels = self.engine.in_channels
-        if channels == 1:
-            return np.asarray(self.engine.deblur_plane(img), dtype=np.float32)
-        out = self.engine.deblur_plane(np.repeat(img[..., None], channels, axis=-1))
-        return np.asarray(out[..., 0], dtype=np.float32)
-
-
-Restorer = Callable[[np.ndarray], np.ndarray]
-
-
-def make_restorer(spec: MethodSpec, psf: np.ndarray, balance: float | None, models: dict[str, ModelRestorer]) -> Restorer:
-    from .classical import richardson_lucy, wiener
-
-    if spec.kind == "input":
-        return lambda img: np.asarray(img, dtype=np.float32)
-    if spec.kind == "rl":
-        return lambda img: richardson_lucy(img, psf, spec.iterations)
-    if spec.kind == "wiener":
-        assert balance is not None
-        return lambda img: wiener(img, psf, balance)
-    return models[spec.key]
+    def channels(self) -> int:
+        return 1 if self.channel_wavelengths_um is None else len(self.channel_wavelengths_um)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,18 +125,26 @@ def make_restorer(spec: MethodSpec, psf: np.ndarray, balance: float | None, mode
 @dataclass
 class BenchImage:
     name: str
-    sharp01: np.ndarray  # (H, W) float64, 0.1/99.9 percentiles -> 0/1
+    sharp01: np.ndarray  # (H, W), or (C, H, W) for colour, float64, 0.1/99.9 percentiles -> 0/1
     labels: np.ndarray | None  # (H, W) int32 ground truth, or None
 
 
-def _read_plane(path: Path) -> np.ndarray:
+def _read_plane(path: Path, channels: int = 1) -> np.ndarray:
+    """(H, W) grey, or (C, H, W) float32 for ``channels`` > 1 (an H x W x C file)."""
+    from ..data.loaders import as_channels
     from ..io.images import read_array
 
     arr = read_array(path)
+    if channels > 1:
+        try:
+            return as_channels(arr, channels, str(path))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; the colour benchmark needs {channels}-channel images") from None
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and np.ptp(arr[..., :3].astype(np.int64), axis=-1).max() == 0:
         arr = arr[..., 0]  # RGB(A) file holding a grey image
     if arr.ndim != 2:
-        raise ValueError(f"{path}: the benchmark needs 2D grey images, got shape {arr.shape}")
+        hint = " (colour images: --rgb)" if arr.ndim == 3 and arr.shape[-1] in (3, 4) else ""
+        raise ValueError(f"{path}: the benchmark needs 2D grey images, got shape {arr.shape}{hint}")
     return arr
 
 
@@ -263,8 +169,8 @@ def find_images(cfg: BenchmarkConfig) -> list[Path]:
 def load_image(path: Path, cfg: BenchmarkConfig, labels_dir: Path | None) -> BenchImage:
     from ..data.normalisation import normalise, percentile_range
 
-    img = _read_plane(path)
-    lo, hi = percentile_range(img, cfg.norm_low, cfg.norm_high)
+    img = _read_plane(path, cfg.channels)
+    lo, hi = percentile_range(img, cfg.norm_low, cfg.norm_high)  # all channels together
     sharp01 = normalise(img, lo, hi).astype(np.float64)
     labels = None
     if labels_dir is not None:
@@ -272,7 +178,7 @@ def load_image(path: Path, cfg: BenchmarkConfig, labels_dir: Path | None) -> Ben
         if not lab_path.is_file():
             raise FileNotFoundError(f"ground-truth labels {lab_path} missing for image {path}")
         labels = _read_plane(lab_path)
-        if labels.shape != img.shape:
+        if labels.shape != img.shape[-2:]:
             raise ValueError(f"labels {lab_path} have shape {labels.shape}, image {path} has {img.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels {lab_path} must be an integer label image, got {labels.dtype}")
@@ -282,6 +188,33 @@ def load_image(path: Path, cfg: BenchmarkConfig, labels_dir: Path | None) -> Ben
 
 def psf_params(cfg: BenchmarkConfig, defocus_um: float):
     return cfg.optics.psf_params(float(defocus_um), model=cfg.psf_model)
+
+
+def channel_psfs(cfg: BenchmarkConfig, defocus_um: float) -> list[np.ndarray]:
+    """The true PSF of each channel at ``defocus_um`` (one for grey images)."""
+    from ..data.psf import defocus_psf
+
+    params = psf_params(cfg, defocus_um)
+    if cfg.channel_wavelengths_um is None:
+        return [defocus_psf(params)]
+    return [defocus_psf(params.model_copy(update={"wavelength_um": float(w)})) for w in cfg.channel_wavelengths_um]
+
+
+def _nyquist(image: np.ndarray) -> float:
+    """Nyquist energy ratio of a grey image, the mean of the channels' for a colour one."""
+    img = np.asarray(image)
+    return nyquist_energy_ratio(img) if img.ndim == 2 else float(np.mean([nyquist_energy_ratio(p) for p in img]))
+
+
+def _ssim(restored: np.ndarray, sharp: np.ndarray) -> float:
+    from .metrics import ssim
+
+    return ssim(restored, sharp, channel_axis=0 if np.ndim(sharp) == 3 else None)
+
+
+def _megapixels(image: np.ndarray) -> float:
+    """Image size in megapixels (a colour pixel counts once)."""
+    return image.shape[-2] * image.shape[-1] / 1e6
 
 
 def noise_rng(seed: int, name: str, defocus_um: float, stream: int = 0) -> np.random.Generator:
@@ -295,6 +228,7 @@ def degrade(img: BenchImage, cfg: BenchmarkConfig, defocus_um: float, stream: in
     return synthesize_defocus(
         img.sharp01, psf_params(cfg, defocus_um), peak_photons=cfg.peak_photons,
         read_sigma_photons=cfg.read_sigma_photons, rng=noise_rng(cfg.seed, img.name, defocus_um, stream),
+        channel_wavelengths_um=cfg.channel_wavelengths_um,
     )
 
 
@@ -321,7 +255,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _tune_wiener(cfg: BenchmarkConfig, images: list[BenchImage], log: Callable[[str], None]) -> tuple[dict[float, float], str]:
-    from ..data.psf import defocus_psf
     from .classical import tune_wiener_balance
 
     if cfg.wiener_tune_dir is not None or cfg.wiener_tune_names is not None:
@@ -339,9 +272,8 @@ def _tune_wiener(cfg: BenchmarkConfig, images: list[BenchImage], log: Callable[[
         log(f"WARNING: Wiener tuning images are also benchmark images: {', '.join(sorted(overlap))}")
     balances = {}
     for d in cfg.defocus_um:
-        psf = defocus_psf(psf_params(cfg, d))
         blurred = [degrade(im, cfg, d, stream=1) for im in tune_images]  # other noise than the benchmark's
-        best, scores = tune_wiener_balance(blurred, [im.sharp01 for im in tune_images], psf)
+        best, scores = tune_wiener_balance(blurred, [im.sharp01 for im in tune_images], channel_psfs(cfg, d))
         balances[d] = best
         log(f"wiener balance at {d:g} um: {best:.4g} (mean PSNR {scores[best]:.2f} dB on {len(tune_images)} tuning images)")
     return balances, source
@@ -354,9 +286,8 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> BenchmarkResult:
     """Run the benchmark described by ``cfg`` and write its tables and figures into ``out_dir``."""
-    from ..data.psf import defocus_psf
     from ..inference.devices import tune_cpu_allocator
-    from .metrics import psnr, ssim
+    from .metrics import psnr
 
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
@@ -388,7 +319,7 @@ def run_benchmark(
 
     needs_tuning = any(s.kind == "wiener" and s.balance is None for s in specs)
     balances, tune_source = _tune_wiener(cfg, images, log) if needs_tuning else ({}, "")
-    psfs = {d: defocus_psf(psf_params(cfg, d)) for d in cfg.defocus_um}
+    psfs = {d: channel_psfs(cfg, d) for d in cfg.defocus_um}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"summary_md": out_dir / "summary.md", "summary_csv": out_dir / "summary.csv",
@@ -403,8 +334,8 @@ def run_benchmark(
         t_img = time.perf_counter()
         ref_labels = im.labels
         sharp_row: dict[str, Any] = {"image": im.name, "defocus_um": "", "method": "sharp", "psnr": math.inf, "ssim": 1.0,
-                                     "nyquist_ratio": nyquist_energy_ratio(im.sharp01),
-                                     "seconds": 0.0, "megapixels": im.sharp01.size / 1e6}
+                                     "nyquist_ratio": _nyquist(im.sharp01),
+                                     "seconds": 0.0, "megapixels": _megapixels(im.sharp01)}
         if segmenter is not None:
             sharp_labels = segmenter(im.sharp01)
             if ref_labels is None:
@@ -424,8 +355,8 @@ def run_benchmark(
                 restored = np.asarray(restore(blurred), dtype=np.float32)
                 seconds = time.perf_counter() - t0 if spec.kind != "input" else 0.0
                 row = {"image": im.name, "defocus_um": d, "method": spec.key, "psnr": psnr(restored, im.sharp01),
-                       "ssim": ssim(restored, im.sharp01), "nyquist_ratio": nyquist_energy_ratio(restored),
-                       "seconds": seconds, "megapixels": restored.size / 1e6}
+                       "ssim": _ssim(restored, im.sharp01), "nyquist_ratio": _nyquist(restored),
+                       "seconds": seconds, "megapixels": _megapixels(restored)}
                 if segmenter is not None:
                     labels = segmenter(restored)
                     row["n_objects"] = int(len(np.unique(labels)) - 1)

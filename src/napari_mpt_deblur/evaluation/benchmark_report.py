@@ -7,6 +7,8 @@ import json
 import math
 import platform
 from collections.abc import Sequence
+
+import numpy as np
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,10 +62,18 @@ def summary_markdown(summary, cfg: BenchmarkConfig, specs, balances, tune_source
              f"Poisson noise at {cfg.peak_photons:g} photons peak + Gaussian read noise sigma "
              f"{cfg.read_sigma_photons:g} photons, seed {cfg.seed}")
     o = cfg.optics
-    setup = (f"{n_images} images from `{cfg.sharp_dir}`; {cfg.psf_model} PSF, NA {o.na}, emission "
-             f"{o.wavelength_um} um, pixel {o.pixel_um} um, immersion n = {o.immersion_index}; {noise}. "
-             f"Sharp images normalised by their {cfg.norm_low}/{cfg.norm_high} percentiles to [0, 1]; "
-             "PSNR and SSIM with data range 1.")
+    if cfg.channel_wavelengths_um is None:
+        light = f"emission {o.wavelength_um} um"
+        units = "PSNR and SSIM with data range 1."
+    else:
+        light = ("colour images, each channel blurred at its own wavelength ("
+                 + ", ".join(f"{w:g}" for w in cfg.channel_wavelengths_um) + " um) and restored by RL/Wiener with its "
+                 "own true PSF")
+        units = ("PSNR over all channels, SSIM the mean of the channels' SSIMs, data range 1 (all channels share "
+                 "one normalisation).")
+    setup = (f"{n_images} images from `{cfg.sharp_dir}`; {cfg.psf_model} PSF, NA {o.na}, {light}, "
+             f"pixel {o.pixel_um} um, immersion n = {o.immersion_index}; {noise}. "
+             f"Sharp images normalised by their {cfg.norm_low}/{cfg.norm_high} percentiles to [0, 1]; {units}")
     lines = ["# Defocus benchmark", "", setup, ""]
     if with_ap:
         ap_note = (f"StarDist AP = TP / (TP + FP + FN) at each IoU, counts pooled over images, against {reference}; "
@@ -121,16 +131,19 @@ def _image_grid(path: Path, tiles: dict, cfg: BenchmarkConfig, methods: Sequence
     """Rows: defocus values; columns: sharp, then each method; a centre crop of the first image."""
     plt = _pyplot()
     sharp = tiles[(None, "sharp")]
-    c = min(cfg.figure_crop, *sharp.shape)
-    y0, x0 = (sharp.shape[0] - c) // 2, (sharp.shape[1] - c) // 2
-    crop = (slice(y0, y0 + c), slice(x0, x0 + c))
+    c = min(cfg.figure_crop, *sharp.shape[-2:])
+    y0, x0 = (sharp.shape[-2] - c) // 2, (sharp.shape[-1] - c) // 2
+    crop = (Ellipsis, slice(y0, y0 + c), slice(x0, x0 + c))
     rows, cols = len(cfg.defocus_um), len(methods) + 1
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows + 0.4), squeeze=False)
     for r, d in enumerate(cfg.defocus_um):
         for col, key in enumerate(["sharp", *methods]):
             ax = axes[r, col]
-            img = sharp if key == "sharp" else tiles[(d, key)]
-            ax.imshow(img[crop], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            img = (sharp if key == "sharp" else tiles[(d, key)])[crop]
+            if img.ndim == 3:  # (C, H, W) colour: shown as RGB, clipped to the same [0, 1]
+                ax.imshow(np.clip(np.moveaxis(img, 0, -1), 0.0, 1.0), interpolation="nearest")
+            else:
+                ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:

@@ -11,6 +11,7 @@ plane by plane); the PSF is 2D, odd-sided, and is normalised to unit sum here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -142,22 +143,39 @@ def wiener(image: np.ndarray, psf: np.ndarray, balance: float = 0.01, regularise
 WIENER_BALANCES: tuple[float, ...] = tuple(float(b) for b in np.logspace(-4, 0, 17))
 
 
+def per_channel_psf(image: np.ndarray, psfs: Sequence[np.ndarray], fn) -> np.ndarray:
+    """``fn(plane, psf)`` of an (H, W) image with ``psfs[0]``, or of each channel of a (C, H, W)
+    image with its own PSF (``len(psfs) == C``): a colour image seen at several wavelengths."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        return fn(img, psfs[0])
+    if img.ndim != 3 or img.shape[0] != len(psfs):
+        raise ValueError(f"{len(psfs)} channel PSF(s) for an image of shape {img.shape}")
+    return np.stack([fn(plane, psf) for plane, psf in zip(img, psfs)])
+
+
 def tune_wiener_balance(
     blurred: list[np.ndarray],
     sharp: list[np.ndarray],
-    psf: np.ndarray,
+    psf: np.ndarray | Sequence[np.ndarray],
     candidates: tuple[float, ...] = WIENER_BALANCES,
     regulariser: Regulariser = "laplacian",
 ) -> tuple[float, dict[float, float]]:
     """The balance with the best mean PSNR (data range 1) over (blurred, sharp) pairs.
 
     Returns ``(best_balance, {balance: mean PSNR})``. Tune on a few images that are NOT the ones
-    you report on, with the same PSF and noise level.
+    you report on, with the same PSF and noise level. ``psf``: one 2D PSF, or a list of one per
+    channel for (C, H, W) images (one balance for all channels).
     """
     from .metrics import psnr
 
     if not blurred or len(blurred) != len(sharp):
         raise ValueError("tune_wiener_balance needs equal, non-empty lists of blurred and sharp images")
-    scores = {b: float(np.mean([psnr(wiener(y, psf, b, regulariser), s) for y, s in zip(blurred, sharp)])) for b in candidates}
+    psfs = [psf] if isinstance(psf, np.ndarray) else list(psf)
+
+    def restore(y: np.ndarray, b: float) -> np.ndarray:
+        return per_channel_psf(y, psfs, lambda plane, k: wiener(plane, k, b, regulariser))
+
+    scores = {b: float(np.mean([psnr(restore(y, b), s) for y, s in zip(blurred, sharp)])) for b in candidates}
     best = max(scores, key=scores.get)
     return best, scores

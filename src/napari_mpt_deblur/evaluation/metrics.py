@@ -34,12 +34,13 @@ def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> float:
     return 10.0 * math.log10(data_range**2 / mse)
 
 
-def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> float:
-    """Structural similarity (scikit-image, 7x7 uniform window, float64) of 2D (or nD) images."""
+def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0, channel_axis: int | None = None) -> float:
+    """Structural similarity (scikit-image, 7x7 uniform window, float64) of 2D (or nD) images;
+    with ``channel_axis`` (e.g. 0 for (C, H, W)) the mean of the per-channel SSIMs."""
     from skimage.metrics import structural_similarity
 
     p, r = _pair(pred, ref)
-    return float(structural_similarity(p, r, data_range=data_range))
+    return float(structural_similarity(p, r, data_range=data_range, channel_axis=channel_axis))
 
 
 # --------------------------------------------------------------------------------------------

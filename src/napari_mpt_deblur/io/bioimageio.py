@@ -8,7 +8,8 @@ QuPath, BiaPy, bioimageio.core) load without this package:
   self-contained Python file (``architecture.py``, generated from :mod:`napari_mpt_deblur.models`) and
   its SHA-256; ``torchscript`` weights too when a trace reproduces the network at two tile sizes;
 * input ``raw`` (batch, channel, y, x), float32, sizes ``min = step = size_multiple`` of the network,
-  preprocessed by ``scale_range`` with our percentiles (0.1 / 99.9 per image and channel, see
+  preprocessed by ``scale_range`` with our percentiles (0.1 / 99.9 per image, and per channel for a
+  grey model or over all channels together for a colour one, see
   :mod:`napari_mpt_deblur.data.normalisation`); output ``deblurred`` of the same size, with a halo;
 * test input/output tensors from a crop of the bundled real defocused BBBC006 image, a before|after
   cover image, a README with citations, licence and the training record.
@@ -107,22 +108,43 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _test_crop(side: int) -> np.ndarray:
-    """A ``side`` x ``side`` crop (float32, raw uint16 units) of the bundled defocused BBBC006 image."""
-    from ..data.samples import defocused_bbbc006
+def _test_image(channels: int) -> np.ndarray:
+    """The bundled image a package is tested on, (C, H, W) raw units: the defocused BBBC006 field
+    (repeated over the channels of a grey-trained multi-channel model), or for a 3-channel (RGB)
+    model the defocused stained-tissue sample."""
+    from ..data import samples
 
-    image = defocused_bbbc006()
-    h, w = image.shape
+    if channels == 3:
+        return np.moveaxis(samples.defocused_tissue_rgb(), -1, 0)
+    return np.repeat(samples.defocused_bbbc006()[None], channels, axis=0)
+
+
+def _test_crop(side: int, channels: int = 1) -> np.ndarray:
+    """A centred ``side`` x ``side`` crop (float32, (C, side, side), raw units) of :func:`_test_image`."""
+    image = _test_image(channels)
+    h, w = image.shape[-2:]
     if side > min(h, w):
         raise BioimageioError(f"test tile {side} is larger than the bundled image {h}x{w}")
     y0, x0 = (h - side) // 2, (w - side) // 2
-    return image[y0:y0 + side, x0:x0 + side].astype(np.float32)
+    return image[:, y0:y0 + side, x0:x0 + side].astype(np.float32)
+
+
+def _training_data_note(channels: int) -> str:
+    if channels == 3:
+        return ("Trained on stained tissue sections (RGB brightfield, BBBC038 histology) with synthetic defocus, "
+                "each colour\nblurred at its own wavelength (incoherent imaging assumed); other stains and "
+                "modalities may need fine-tuning.")
+    return ("Trained on Hoechst-stained\nU2OS nuclei (widefield); other samples and modalities may need "
+            "fine-tuning (`mpt-deblur finetune`).")
 
 
 def _scale_range(x: np.ndarray, low: float, high: float, eps: float) -> np.ndarray:
-    """bioimage.io ``scale_range`` per sample and channel over (y, x): (x - lo) / (hi - lo + eps)."""
-    lo = np.percentile(x, low, axis=(-2, -1), keepdims=True)
-    hi = np.percentile(x, high, axis=(-2, -1), keepdims=True)
+    """bioimage.io ``scale_range`` per sample over (y, x), and over the channels too when there are
+    several (one range for a colour image, as the engine and training normalise it):
+    (x - lo) / (hi - lo + eps)."""
+    axes = (-2, -1) if x.shape[1] == 1 else (-3, -2, -1)
+    lo = np.percentile(x, low, axis=axes, keepdims=True)
+    hi = np.percentile(x, high, axis=axes, keepdims=True)
     return ((x - lo) / (hi - lo + eps)).astype(np.float32)
 
 
@@ -213,7 +235,8 @@ Exported from napari-mpt-deblur {record.package_version} by
 
 - Input `{INPUT_ID}`: (batch, channel, y, x), float32, in the camera's units. H and W: any multiple of
   {multiple} (the network also pads other sizes internally). Preprocessing: `scale_range` with the
-  {norm.low} / {norm.high} percentiles of each image and channel, the normalisation the model was trained with.
+  {norm.low} / {norm.high} percentiles of each image{' and channel' if arch.in_channels == 1 else ', all channels together'},
+  the normalisation the model was trained with.
 - Output `{OUTPUT_ID}`: same shape, **in normalised units**: 0 and 1 are the input's {norm.low} and {norm.high}
   percentiles. bioimage.io has no postprocessing that inverts a per-image `scale_range`; to get the
   input's units back multiply by (p{norm.high} - p{norm.low}) of the input and add p{norm.low}
@@ -238,8 +261,7 @@ on held-out synthetic pairs are in the training record above; the napari-mpt-deb
 ## Limitations
 
 Like every learned restorer the model can invent plausible texture where the blur destroyed
-information; check conclusions that depend on fine detail against the raw image. Trained on Hoechst-stained
-U2OS nuclei (widefield); other samples and modalities may need fine-tuning (`mpt-deblur finetune`).
+information; check conclusions that depend on fine detail against the raw image. {_training_data_note(arch.in_channels)}
 
 ## Citations
 
@@ -323,8 +345,10 @@ def export_bioimageio(
     norm = record.normalisation
     eps = 1e-6
 
-    raw = _test_crop(side)
-    x = np.repeat(raw[None, None], arch.in_channels, axis=1)  # (1, C, H, W) raw units
+    channels = arch.in_channels
+    side = min(side, min(_test_image(channels).shape[-2:]) // multiple * multiple)
+    x = _test_crop(side, channels)[None]  # (1, C, H, W) raw units
+    raw = x[0].mean(axis=0)  # grey view for the cover picture
     normed = _scale_range(x, norm.low, norm.high, eps)
     expected = _forward(net, normed)
     notes: list[str] = []
@@ -350,21 +374,23 @@ def export_bioimageio(
         (staging / STATE_DICT_FILE).write_bytes(buf.getvalue())
         np.save(staging / "test_input.npy", x)
         np.save(staging / "test_output.npy", expected)
-        # Sample tensors (FAIR): the same crop as viewable 2D TIFFs (first channel).
+        # Sample tensors (FAIR): the same crop as viewable TIFFs (2D, or (C, H, W) for several channels).
         import tifffile
 
-        tifffile.imwrite(staging / "sample_input.tif", x[0, 0])
-        tifffile.imwrite(staging / "sample_output.tif", expected[0, 0])
-        (staging / "cover.png").write_bytes(_cover_png(raw, expected[0, 0] * float(
+        tifffile.imwrite(staging / "sample_input.tif", x[0, 0] if channels == 1 else x[0])
+        tifffile.imwrite(staging / "sample_output.tif", expected[0, 0] if channels == 1 else expected[0])
+        expected_grey = expected[0].mean(axis=0)
+        (staging / "cover.png").write_bytes(_cover_png(raw, expected_grey * float(
             np.percentile(raw, norm.high) - np.percentile(raw, norm.low)) + float(np.percentile(raw, norm.low))))
         formats = ["pytorch_state_dict"]
         ts_bytes = ts_diff = None
         if torchscript:
             # A second valid size, one step larger (or smaller when the image is too small), as a
             # batch of 2 (the crop and its mirror): a trace can freeze the batch size too.
-            other = side + multiple if side + multiple <= 512 else max(side - multiple, multiple)
-            crop = _test_crop(other)
-            second = np.repeat(np.stack([crop, crop[:, ::-1]])[:, None], arch.in_channels, axis=1)
+            largest = min(512, min(_test_image(channels).shape[-2:]))
+            other = side + multiple if side + multiple <= largest else max(side - multiple, multiple)
+            crop = _test_crop(other, channels)
+            second = np.stack([crop, crop[..., ::-1]])
             ts_bytes, ts_diff, note = _torchscript(net, normed, expected,
                                                    _scale_range(second, norm.low, norm.high, eps))
             notes.append(note)
@@ -393,8 +419,8 @@ def export_bioimageio(
             sample_tensor=file("sample_input.tif"),
             data=v0_5.IntervalOrRatioDataDescr(type="float32"),
             preprocessing=[v0_5.ScaleRangeDescr(kwargs=v0_5.ScaleRangeKwargs(
-                axes=[v0_5.AxisId("y"), v0_5.AxisId("x")], min_percentile=norm.low, max_percentile=norm.high,
-                eps=eps))],
+                axes=[v0_5.AxisId(a) for a in (("y", "x") if channels == 1 else ("channel", "y", "x"))],
+                min_percentile=norm.low, max_percentile=norm.high, eps=eps))],
         )]
 
         def ref(axis: str) -> v0_5.SizeReference:

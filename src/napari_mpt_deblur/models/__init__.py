@@ -7,3 +7,7 @@ this package's ``__init__`` stays free of torch so that ``import napari_mpt_debl
 #: The shipped model offered first (demo, napari widgets): the one that measured best in
 #: docs/models.md (the CPU-trained H2T U-Net beats the CPU-trained MPT there).
 RECOMMENDED_MODEL = "h2t-unet-fluo"
+
+#: The shipped colour (RGB, 3-channel) model: stained tissue / brightfield colour images
+#: (docs/models.md, "The colour model"). The napari RGB sample names it.
+RGB_MODEL = "h2t-unet-rgb"

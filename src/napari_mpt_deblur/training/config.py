@@ -57,7 +57,10 @@ class ModelChoice(_Strict):
     architecture: ArchConfig | None = None
     #: Start from this model (name or path) instead of random weights; its architecture is used.
     init: str | None = None
-    in_channels: int = Field(1, ge=1, le=16)
+    #: Image channels (3 for RGB). None: 1 for a new network, the warm start's own for ``init``.
+    #: A warm start from a 1-channel model with ``in_channels`` > 1 is widened
+    #: (``training.network.widen_channels``: it starts as the grey model applied to each channel's mean).
+    in_channels: int | None = Field(None, ge=1, le=16)
     #: Train only the parameters whose names start with one of these module paths (e.g. ``ups``,
     #: ``decoders.0``, ``head``); the rest are frozen (no gradient, no optimiser state, no weight
     #: decay). None trains everything. Meant for a warm start (``init``) that should change one

@@ -42,8 +42,15 @@ def build_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
     choice = config.model
     if choice.init is not None:
         loaded = load_model(choice.init, "cpu")
-        return loaded.model.train(), {"init": str(loaded.path), "init_name": loaded.record.name}
-    arch = choice.architecture or preset_config(choice.arch, choice.preset, choice.in_channels)
+        provenance = {"init": str(loaded.path), "init_name": loaded.record.name}
+        have = loaded.record.architecture.in_channels
+        if choice.in_channels is None or choice.in_channels == have:
+            return loaded.model.train(), provenance
+        if have != 1:
+            raise ValueError(f"model.in_channels {choice.in_channels}: the warm start {loaded.record.name!r} has "
+                             f"{have} channels; only a 1-channel model can be widened")
+        return widen_channels(loaded.model, choice.in_channels).train(), {**provenance, "widened_from_channels": 1}
+    arch = choice.architecture or preset_config(choice.arch, choice.preset, choice.in_channels or 1)
     torch.manual_seed(config.seed)
     net = build_model(arch)
     head = getattr(net, "head", None)
@@ -56,6 +63,50 @@ def build_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
             head.weight.mul_(HEAD_INIT_SCALE)
     return net, {"init": "random", "init_seed": config.seed, "zero_init_head": zero,
                  "head_init_scale": HEAD_INIT_SCALE if zero else None}
+
+
+def widen_channels(net: nn.Module, channels: int) -> nn.Module:
+    """A ``channels``-in, ``channels``-out copy of a trained 1-channel network that starts out
+    doing what the grey network does to each channel's mean: every weight that reads the image
+    (input-channel axis 1 -> C) is repeated and divided by C, every weight that writes it
+    (output-channel axis 1 -> C) is repeated. Any other shape change is an error."""
+    from ..models.registry import build_model
+
+    arch = net.config.model_copy(update={"in_channels": channels, "out_channels": channels})
+    wide = build_model(arch)
+    old, new = net.state_dict(), wide.state_dict()
+    for name, target in new.items():
+        value = old[name]
+        if value.shape != target.shape:
+            diff = [i for i, (a, b) in enumerate(zip(value.shape, target.shape)) if a != b]
+            if value.ndim != target.ndim or len(diff) != 1 or value.shape[diff[0]] != 1 or diff[0] > 1:
+                raise ValueError(f"cannot widen {name} from {tuple(value.shape)} to {tuple(target.shape)}")
+            reps = [1] * value.ndim
+            reps[diff[0]] = channels
+            value = value.repeat(*reps) / (channels if diff[0] == 1 else 1)
+        new[name] = value
+    wide.load_state_dict(new)
+    return wide
+
+
+def sample_channels(dataset) -> int | None:
+    """Channels of a training dataset's samples (its first sample's ``inp`` or sharp window);
+    None for a dataset whose samples are not such dicts (a benchmark's stand-in)."""
+    item = dataset[0] if len(dataset) else None
+    if not isinstance(item, dict):
+        return None
+    value = item.get("inp", item.get("sharp"))
+    return None if value is None else int(value.shape[0])
+
+
+def check_channels(net: nn.Module, dataset, what: str = "training data") -> None:
+    """Refuse data whose channel count is not the network's input channels, naming both."""
+    want = getattr(getattr(net, "config", None), "in_channels", 1)
+    have = sample_channels(dataset)
+    if have is not None and have != want:
+        hint = (" (an RGB model needs defocus.channel_wavelengths_um on its synthetic source)" if want > 1 else
+                " (multi-channel data needs model.in_channels set to its channel count)")
+        raise ValueError(f"{what} has {have} channel(s) per sample but the network takes {want}{hint}")
 
 
 #: Scale of the MPT's output conv at a "zero" init (see build_network).
@@ -135,12 +186,15 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[D.Pair], device: torch.devi
     try:
         restorer = PlaneRestorer.for_network(model, norm, device, precision)
         for pair in pairs:
-            plane = np.asarray(pair.inp, dtype=np.float32)[None]
-            pred = restorer.restore_plane(plane, np.dtype(np.float32), label=pair.name)[0]
+            grey = pair.inp.ndim == 2  # else (C, H, W): one multi-channel plane
+            plane = np.asarray(pair.inp, dtype=np.float32)
+            pred = restorer.restore_plane(plane[None] if grey else plane, np.dtype(np.float32), label=pair.name)
+            pred = pred[0] if grey else pred
+            channel_axis = None if grey else 0
             out_p.append(psnr(pred, pair.gt))
-            out_s.append(ssim(pred, pair.gt))
+            out_s.append(ssim(pred, pair.gt, channel_axis=channel_axis))
             in_p.append(psnr(pair.inp, pair.gt))
-            in_s.append(ssim(pair.inp, pair.gt))
+            in_s.append(ssim(pair.inp, pair.gt, channel_axis=channel_axis))
     finally:
         model.train(was_training)
     scores: dict[str, Any] = {"psnr": float(np.mean(out_p)), "ssim": float(np.mean(out_s)),

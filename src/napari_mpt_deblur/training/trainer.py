@@ -47,6 +47,7 @@ from .network import (  # noqa: F401
     ScalesModule,
     autocast_dtype,
     build_network,
+    check_channels,
     check_patch_size,
     evaluate_pairs,
     freeze_all_but,
@@ -149,6 +150,9 @@ class Trainer(RunFiles):
         else:
             self.net, self.provenance = build_network(config)
         check_patch_size(config.patch.size, self.net)
+        check_channels(self.net, self.train_data)
+        if self.extra_data is not None:
+            check_channels(self.net, self.extra_data, "extra data")
         from ..models.layers import set_gradient_checkpointing
 
         set_gradient_checkpointing(self.net, config.checkpointing)
