@@ -53,7 +53,7 @@ LAYERS: dict[int, list[str]] = {
     2: ["inference.*"],
     # 3 applications of the engine and the models: training, evaluation apps, model/metadata importers, demo
     3: ["training.*", "evaluation.compare", "evaluation.benchmark", "evaluation.benchmark_methods",
-        "evaluation.benchmark_report", "io.bioimageio",
+        "evaluation.benchmark_report", "io.bioimageio", "io.bioimageio_tensors",
         "io.bioimageio_arch", "io.optics_metadata", "demo"],
     # 4 front ends
     4: ["cli", "_cli*", "_widget*", "_sample_data"],

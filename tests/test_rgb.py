@@ -71,6 +71,24 @@ def test_colour_training_pairs_match_the_grey_pipeline_channel_by_channel(tissue
             np.testing.assert_allclose(b["gt"][c], a["gt"][0], atol=2e-3)
             np.testing.assert_allclose(b["inp"][c], a["inp"][0], atol=2e-3)
 
+    # a kernel per channel, each at its own wavelength: blue (shortest) sharpest, red blurriest
+    ds_rgbw = D.SyntheticPatches([np.stack([grey] * 3, axis=-1)], patch,
+                                 DefocusRange(max_kernel=33, peak_photons=None, channel_wavelengths_um=RGB_WAVELENGTHS_UM),
+                                 seed=3)
+    near = 0
+    for i in range(10):
+        rng = D._rng(3, i)
+        rng.integers(1)  # the image choice
+        draw = ds_rgbw.defocus.draw(rng)
+        grid = ds_rgbw.grids[draw.objective]
+        assert list(ds_rgbw[i]["kernel"]) == [grid.node(w / draw.pixel_um, draw.radius_px) for w in RGB_WAVELENGTHS_UM]
+        pair = ds_rgbw.pair(i)
+        err = [float((pair["inp"][c] - pair["gt"][c]).abs().mean()) for c in range(3)]
+        if draw.radius_px < 4:  # farther from focus the geometric blur, the same for every colour, dominates
+            near += 1
+            assert err[2] < err[1] < err[0], (draw.radius_px, err)
+    assert near >= 5
+
     ds = D.SyntheticPatches([tissue], patch, DefocusRange(max_kernel=33, channel_wavelengths_um=RGB_WAVELENGTHS_UM),
                             seed=0)
     item = ds[0]
@@ -103,6 +121,7 @@ def test_a_widened_grey_model_restores_each_channel_of_a_grey_colour_image_as_be
             torch.testing.assert_close(got[:, c : c + 1], expected, atol=1e-5, rtol=1e-4)
 
 
+
 def test_an_rgb_model_trains_validates_and_saves_with_three_channels(tissue_dir, tmp_path):
     from napari_mpt_deblur.models.registry import load_model
     from napari_mpt_deblur.training.config import parse_config
@@ -132,6 +151,14 @@ def test_an_rgb_model_trains_validates_and_saves_with_three_channels(tissue_dir,
     one = {**cfg, "out_dir": str(tmp_path / "one"), "model": {"arch": "h2t_unet", "preset": "tiny"}}
     with pytest.raises(ValueError, match=r"3 channel\(s\) per sample but the network takes 1 .*in_channels"):
         Trainer(parse_config(one))
+    # every source of a mix is checked, and the validation pairs too, before the first step
+    mixed = {**cfg, "out_dir": str(tmp_path / "mixed"), "data": [*cfg["data"], grey["data"][0]]}
+    with pytest.raises(ValueError, match=r"training data has 1 channel\(s\)"):
+        Trainer(parse_config(mixed))
+    grey_val = {**cfg, "out_dir": str(tmp_path / "val"),
+                "validation": {**cfg["validation"], "data": {**cfg["validation"]["data"], "channel_wavelengths_um": None}}}
+    with pytest.raises(ValueError, match=r"validation pairs have 1 channel\(s\) .*validation.data.channel_wavelengths_um"):
+        Trainer(parse_config(grey_val))
 
 
 def test_colour_benchmark_restores_each_channel_with_its_own_psf(tissue_dir, tmp_path, capsys):
@@ -175,3 +202,40 @@ def test_colour_benchmark_restores_each_channel_with_its_own_psf(tissue_dir, tmp
     assert main(["benchmark", "--sharp", str(tissue_dir), "--rgb", "--no-stardist", "--methods", "input,wiener:0.01",
                  "--names", "t1,t2", "--defocus", "4", "--out", str(tmp_path / "cli")]) == 0
     assert "wiener:0.01" in (tmp_path / "cli/summary.md").read_text()
+
+
+def test_a_colour_model_fine_tunes_on_colour_images(tissue, tmp_path):
+    """EFCRex fine-tuning of a colour model: unlabeled colour images (H x W x 3, as napari holds
+    them) plus sharp colour images for synthetic pairs blurred per channel; it refuses to guess the
+    sharp images (the only bundled colour image is a test image)."""
+    from napari_mpt_deblur.models.config import preset_config
+    from napari_mpt_deblur.models.registry import build_model, load_model, save_model
+    from napari_mpt_deblur.training.finetune import FineTuner
+
+    torch.manual_seed(0)
+    path = save_model(build_model(preset_config("h2t_unet", "tiny", 3)), tmp_path / "rgb-tiny", trained=False)
+    blurry = synthesize_defocus(np.moveaxis(tissue, -1, 0).astype(np.float64) / 255, BENCHMARK_OPTICS.psf_params(6.0),
+                                rng=0, channel_wavelengths_um=RGB_WAVELENGTHS_UM)
+    unlabeled = [np.moveaxis(blurry, 0, -1)[:128, :160]]
+    with pytest.raises(ValueError, match="3-channel .colour. model: its fine-tune needs sharp colour images"):
+        FineTuner(path, unlabeled, steps=1, device="cpu")
+    tuner = FineTuner(path, unlabeled, [tissue[128:, 160:]], steps=2, batch=2, patch=64, device="cpu")
+    assert tuner.trainer.extra_data[0]["inp"].shape == (3, 64, 64)
+    assert tuner.trainer.train_data[0]["kernel"].shape == (3,)  # a PSF per channel
+    before = {k: v.clone() for k, v in tuner.model.state_dict().items()}
+    result = tuner.run()
+    assert result.steps_done == 2 and any(not torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
+    saved = load_model(tuner.save(tmp_path / "rgb-tuned"))
+    assert saved.record.architecture.in_channels == 3
+
+    # the command line reads colour files in colour for a colour model
+    from napari_mpt_deblur.cli import main
+
+    (tmp_path / "blurry").mkdir()
+    (tmp_path / "sharp").mkdir()
+    tifffile.imwrite(tmp_path / "blurry/b.tif", np.clip(unlabeled[0] * 255, 0, 255).astype(np.uint8), photometric="rgb")
+    tifffile.imwrite(tmp_path / "sharp/s.tif", tissue[128:, 160:], photometric="rgb")
+    assert main(["finetune", "--model", str(path.with_suffix(".json")), "--unlabeled", str(tmp_path / "blurry"),
+                 "--sharp", str(tmp_path / "sharp"), "--steps", "1", "--batch", "2", "--patch", "64", "--device", "cpu",
+                 "--out", str(tmp_path / "cli-tuned")]) == 0
+    assert load_model(tmp_path / "cli-tuned.json").record.architecture.in_channels == 3

@@ -109,8 +109,9 @@ def test_refuses_to_overwrite_a_run_and_detects_corrupt_checkpoints(sharp_dir, t
 
 def test_resume_reads_a_checkpoint_written_before_new_loss_settings_existed(sharp_dir, tmp_path):
     """A checkpoint whose saved ``efcr`` lacks fields added later (here ``nyquist_weight``,
-    ``below_nyquist``, ``extended_cap``) resumes when they are at their defaults; a real change of
-    the objective is still refused."""
+    ``below_nyquist``, ``extended_cap``) resumes when they are at their defaults, and one that saved
+    ``model.in_channels: 1`` (today's default is None, unset) resumes a grey network; a real change
+    of the objective is still refused."""
     cfg = parse_config(_config(sharp_dir, tmp_path / "run", steps=4))
     first = Trainer(cfg)
     for record in first.steps():
@@ -120,6 +121,7 @@ def test_resume_reads_a_checkpoint_written_before_new_loss_settings_existed(shar
     state = json.loads(state_path.read_text())
     for key in ("nyquist_weight", "below_nyquist", "extended_cap"):
         del state["config"]["efcr"][key]
+    state["config"]["model"]["in_channels"] = 1  # saved before in_channels could be None (unset)
     state_path.write_text(json.dumps(state))
     changed = parse_config(_config(sharp_dir, tmp_path / "run", steps=4, efcr={"nyquist_weight": 1.0}))
     with pytest.raises(CheckpointError, match="different 'efcr' setting"):

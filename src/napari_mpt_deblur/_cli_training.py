@@ -82,7 +82,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="starting model name or path")
     p.add_argument("--unlabeled", type=Path, required=True, help="folder of unlabeled (blurry) images")
     p.add_argument("--sharp", type=Path, default=None,
-                   help="folder of sharp images for synthetic labeled pairs (default: the bundled in-focus BBBC006 image)")
+                   help="folder of sharp images for synthetic labeled pairs (default: the bundled in-focus BBBC006 "
+                        "image; a colour model needs colour ones, blurred per channel at 0.61 / 0.53 / 0.46 um)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch", type=int, default=4)
@@ -101,7 +102,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     from .data.datasets import load_images
     from .inference.devices import tune_cpu_allocator
-    from .models.registry import ModelNameError, model_save_target
+    from .models.record import read_record
+    from .models.registry import ModelNameError, model_save_target, resolve_model_path
     from .training.finetune import FINETUNE_BETA, FineTuner
 
     tune_cpu_allocator()
@@ -109,8 +111,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
         model_save_target(args.out)
     except (ModelNameError, FileExistsError) as exc:
         raise CommandError(f"--out: {exc}") from None
-    unlabeled, _ = load_images(args.unlabeled)
-    sharp = load_images(args.sharp)[0] if args.sharp is not None else None
+    # A colour model reads its images in colour (a grey one averages RGB files to grey).
+    channels = read_record(resolve_model_path(args.model)).architecture.in_channels
+    unlabeled, _ = load_images(args.unlabeled, channels=channels)
+    sharp = load_images(args.sharp, channels=channels)[0] if args.sharp is not None else None
     tuner = FineTuner(args.model, unlabeled, sharp, steps=args.steps, lr=args.lr, batch=args.batch, patch=args.patch,
                       beta=FINETUNE_BETA if args.beta is None else args.beta, device=args.device, seed=args.seed)
     with tqdm(total=args.steps, desc="finetune", unit="step") as bar:
@@ -176,7 +180,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from .inference.devices import tune_cpu_allocator
     from .io.cache import cache_dir
     from .models import RECOMMENDED_MODEL
-    from .models.registry import ModelNameError, model_save_target
+    from .models.record import read_record
+    from .models.registry import ModelNameError, model_save_target, resolve_model_path
     from .data.optics import OPTICS_FLAGS, calibrated_model_name
     from .training import calibrate as cal
 

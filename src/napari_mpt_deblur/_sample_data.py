@@ -52,5 +52,5 @@ def defocused_tissue_rgb():
             "psf": "scalar, 20x/0.45 NA air, per channel at " + ", ".join(f"{w:g}" for w in RGB_WAVELENGTHS_UM)
                    + " um (R, G, B), 0.645 um pixels; noise: 1000 photons peak, read 3",
             "deblur_with": RGB_MODEL}
-    return [(samples.defocused_tissue_rgb(), {"name": "stained tissue (RGB), 6 um defocus", "metadata": meta, "rgb": True,
-                                               **_GEOMETRY_2D}, "image")]
+    layer = {"name": "stained tissue (RGB), 6 um defocus", "metadata": meta, "rgb": True, **_GEOMETRY_2D}
+    return [(samples.defocused_tissue_rgb(), layer, "image")]

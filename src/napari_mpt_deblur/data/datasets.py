@@ -75,19 +75,21 @@ def _crop_box(shape: tuple[int, int], side: int, rng: np.random.Generator) -> tu
 
 
 def _crop_reflect(img: np.ndarray, y: int, x: int, side: int) -> np.ndarray:
-    """``img[y:y+side, x:x+side]``, reflect-padded where the image is smaller than ``side``."""
-    crop = img[y : y + side, x : x + side]
-    if crop.shape != (side, side):
-        crop = np.pad(crop, ((0, side - crop.shape[0]), (0, side - crop.shape[1])), mode="symmetric")
+    """``img[..., y:y+side, x:x+side]``, reflect-padded where the image is smaller than ``side``."""
+    crop = img[..., y : y + side, x : x + side]
+    if crop.shape[-2:] != (side, side):
+        pads = [(0, 0)] * (crop.ndim - 2) + [(0, side - crop.shape[-2]), (0, side - crop.shape[-1])]
+        crop = np.pad(crop, pads, mode="symmetric")
     return crop
 
 
 def _resize(img: np.ndarray, side: int) -> np.ndarray:
-    if img.shape == (side, side):
+    """The last two axes resized to ``side`` x ``side`` (bilinear, antialiased when shrinking)."""
+    if img.shape[-2:] == (side, side):
         return img
     from skimage.transform import resize
 
-    return resize(img, (side, side), order=1, anti_aliasing=img.shape[0] > side, preserve_range=True)
+    return resize(img, (*img.shape[:-2], side, side), order=1, anti_aliasing=img.shape[-2] > side, preserve_range=True)
 
 
 def _dihedral(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
@@ -121,8 +123,9 @@ class _Base:
 class PairedPatches(_Base):
     """Random augmented patches from in-memory pairs (any of the paired sources).
 
-    ``dataset[i]`` -> ``{"inp": (1, P, P), "gt": (1, P, P)}`` float32 tensors, both normalised by
-    the full input image's percentile range (computed once per image).
+    ``dataset[i]`` -> ``{"inp": (1, P, P), "gt": (1, P, P)}`` float32 tensors (``(C, P, P)`` for
+    (C, H, W) colour pairs), both normalised by the full input image's percentile range (computed
+    once per image, over all channels).
     """
 
     def __init__(self, pairs: Sequence[Pair], patch: PatchConfig, seed: int = 0) -> None:
@@ -144,7 +147,7 @@ class PairedPatches(_Base):
         p = self.patch.size
         s = float(rng.uniform(*self.patch.scale))
         side = max(2, round(p / s))
-        y, x = _crop_box(pair.inp.shape, side, rng)
+        y, x = _crop_box(pair.inp.shape[-2:], side, rng)
         inp = _resize(_crop_reflect(pair.inp, y, x, side), p)
         gt = _resize(_crop_reflect(pair.gt, y, x, side), p)
         if self.patch.flips:
@@ -220,8 +223,8 @@ class SyntheticPatches(_Base):
     def _channel_nodes(self, draw) -> np.ndarray:
         """Bank node of each channel of a draw, (C,) int64: same blur radius, own wavelength."""
         grid = self.grids[draw.objective]
-        return np.asarray([grid.node(w / draw.pixel_um, draw.radius_px) for w in self.defocus.channel_wavelengths(draw)],
-                          dtype=np.int64)
+        wavelengths = self.defocus.channel_wavelengths(draw)
+        return np.asarray([grid.node(w / draw.pixel_um, draw.radius_px) for w in wavelengths], dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict:
         rng = _rng(self.seed, index)
@@ -238,7 +241,10 @@ class SyntheticPatches(_Base):
         box = (y - half_src, x - half_src, side / s)
         sharp = _window(img, *box, out=side)
         norm = self._norm_window(img, y + p / (2 * s), x + p / (2 * s), s, self.pooled[k])
-        levels = np.full(DEPTH_LEVELS, self._node(draw), dtype=np.int64)
+        kernel = self._channel_nodes(draw)
+        # Per-object depth (grey only) blurs with up to 4 levels; otherwise they repeat the kernel
+        # (no node drawn at a colour image's unused draw wavelength).
+        levels = np.full(DEPTH_LEVELS, kernel[0], dtype=np.int64)
         level_map = np.zeros((side, side), dtype=np.int8)
         per_object = self.labels is not None and rng.random() < self.per_object_prob
         if per_object:
@@ -256,7 +262,7 @@ class SyntheticPatches(_Base):
             "bank": self.bank_key,
             "sharp": _to_tensor(sharp),
             "norm": _to_tensor(norm),
-            "kernel": self._channel_nodes(draw),
+            "kernel": kernel,
             "levels": levels,
             "level_map": np.ascontiguousarray(level_map, dtype=np.int8),
             "per_object": np.bool_(per_object),
@@ -290,7 +296,7 @@ class SyntheticPatches(_Base):
         return small
 
     def pair(self, index: int, device: str = "cpu") -> dict:
-        """``{"inp", "gt"}`` (1, P, P) for one sample, synthesised on ``device``."""
+        """``{"inp", "gt"}`` (C, P, P) for one sample (C = 1 for grey), synthesised on ``device``."""
         import torch
 
         batch = collate([self[index]])
@@ -407,7 +413,7 @@ def collate(items: Sequence[dict]) -> dict:
 
 
 def materialise(batch: dict, device, norm: NormalisationConfig | None = None) -> dict:
-    """A collated batch as ``{"inp", "gt"?}`` tensors (B, 1, P, P) on ``device``, synthetic samples
+    """A collated batch as ``{"inp", "gt"?}`` tensors (B, C, P, P) on ``device``, synthetic samples
     made there (:class:`~napari_mpt_deblur.data.device_synthesis.BatchSynthesizer`)."""
     import torch
 
@@ -436,14 +442,16 @@ def materialise(batch: dict, device, norm: NormalisationConfig | None = None) ->
 
 
 class UnlabeledPatches(_Base):
-    """Patches of unlabeled (blurry) images for EFCRex: ``{"inp": (1, P, P)}``, each normalised by
-    its whole image's percentile range. Random flips/rotations; no scaling (the real blur's size
-    in pixels is what the model must adapt to)."""
+    """Patches of unlabeled (blurry) images for EFCRex: ``{"inp": (C, P, P)}`` (C = ``channels``,
+    1: RGB averaged to grey), each normalised by its whole image's percentile range (all channels
+    together). Random flips/rotations; no scaling (the real blur's size in pixels is what the model
+    must adapt to)."""
 
-    def __init__(self, images: Sequence[np.ndarray], patch: PatchConfig, seed: int = 0) -> None:
+    def __init__(self, images: Sequence[np.ndarray], patch: PatchConfig, seed: int = 0, channels: int = 1) -> None:
         if not images:
             raise ValueError("no unlabeled images")
-        self.images = [as_2d(im, f"unlabeled image {i}") for i, im in enumerate(images)]
+        self.images = [as_channels(im, channels, f"unlabeled image {i}") if channels > 1
+                       else as_2d(im, f"unlabeled image {i}") for i, im in enumerate(images)]
         self.patch = patch
         self.seed = seed
         self._ranges = [percentile_range(im, patch.normalisation.low, patch.normalisation.high) for im in self.images]
@@ -456,7 +464,7 @@ class UnlabeledPatches(_Base):
         k = int(rng.integers(len(self.images)))
         img = self.images[k]
         p = self.patch.size
-        y, x = _crop_box(img.shape, p, rng)
+        y, x = _crop_box(img.shape[-2:], p, rng)
         patch = _crop_reflect(img, y, x, p)
         if self.patch.flips:
             (patch,) = _dihedral([patch], rng)

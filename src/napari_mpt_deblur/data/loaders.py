@@ -49,7 +49,8 @@ def as_channels(arr: np.ndarray, channels: int, name: str = "image") -> np.ndarr
     elif a.ndim == 3 and a.shape[0] == channels:
         pass
     else:
-        raise ImageReadError(f"{name}: expected a {channels}-channel image (H x W x {channels}), got shape {np.shape(arr)}")
+        raise ImageReadError(f"{name}: expected a {channels}-channel image (H x W x {channels}), "
+                             f"got shape {np.shape(arr)}")
     a = a.astype(np.float32)
     if not np.all(np.isfinite(a)):
         raise ImageReadError(f"{name}: contains NaN or Inf values")

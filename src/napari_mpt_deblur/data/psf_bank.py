@@ -133,6 +133,8 @@ def _psfmodels_version() -> str:
 def bank_key(defocus) -> str:
     """Cache key: every setting that changes a kernel, plus the recipe and psfmodels versions."""
     settings = defocus.model_dump(mode="json", exclude={"peak_photons", "read_sigma_photons", "both_signs"})
+    if settings.get("channel_wavelengths_um") is None:  # grey: the key (and cached banks) of before colour existed
+        settings.pop("channel_wavelengths_um", None)
     blob = json.dumps({"format": BANK_FORMAT, "u_ratio": U_RATIO, "r_step": [R_REL, R_ABS],
                        "settings": settings, "psfmodels": _psfmodels_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .optics import BENCHMARK_OPTICS, Acquisition, fold_optics
-from .synthesis import DefocusRange
+from .synthesis import ChannelWavelengths, DefocusRange
 
 
 class _Strict(BaseModel):
@@ -111,7 +111,7 @@ class SyntheticValidation(_Strict):
     read_sigma_photons: float = 3.0
     #: Multi-channel (RGB) validation: the wavelength each channel is blurred at, um (e.g.
     #: ``data.optics.RGB_WAVELENGTHS_UM``); ``optics.wavelength_um`` is then unused.
-    channel_wavelengths_um: tuple[float, ...] | None = Field(None, min_length=2, max_length=16)
+    channel_wavelengths_um: ChannelWavelengths | None = None
 
     @model_validator(mode="before")
     @classmethod

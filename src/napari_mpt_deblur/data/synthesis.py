@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .psf import PSFParams, defocus_psf
 
 RngLike = np.random.Generator | int | None
+#: The wavelength (um) each channel of a multi-channel (colour) image is seen at, e.g.
+#: ``data.optics.RGB_WAVELENGTHS_UM``; one type for training, validation and the benchmark.
+ChannelWavelengths = Annotated[tuple[Annotated[float, Field(gt=0.2, lt=2.0)], ...], Field(min_length=2, max_length=16)]
 #: Per-object depth synthesis in training: the background's defocus and three object depths.
 DEPTH_LEVELS = 4
 
@@ -94,8 +97,8 @@ def synthesize_defocus(
         blurred = blur(img, defocus_psf(params))
     else:
         if img.ndim != 3 or img.shape[0] != len(channel_wavelengths_um):
-            raise ValueError(f"expected a ({len(channel_wavelengths_um)}, H, W) image for {len(channel_wavelengths_um)} "
-                             f"channel wavelengths, got shape {img.shape}")
+            n = len(channel_wavelengths_um)
+            raise ValueError(f"expected a ({n}, H, W) image for {n} channel wavelengths, got shape {img.shape}")
         blurred = np.stack([blur(plane, defocus_psf(params.model_copy(update={"wavelength_um": float(w)})))
                             for plane, w in zip(img, channel_wavelengths_um)])
     if peak_photons is None:
@@ -221,14 +224,7 @@ class DefocusRange(BaseModel):
     #: Multi-channel images (RGB): the centre wavelength of each channel, um. Every channel is
     #: blurred with the draw's PSF (same objective, pixel size, defocus) at its own wavelength, and
     #: ``wavelength_um`` is not drawn from. None: single-channel images at the drawn wavelength.
-    channel_wavelengths_um: tuple[float, ...] | None = Field(None, min_length=2, max_length=16)
-
-    @field_validator("channel_wavelengths_um")
-    @classmethod
-    def _visible(cls, value):
-        if value is not None and not all(0.2 < w < 2.0 for w in value):
-            raise ValueError(f"channel wavelengths must be in um, between 0.2 and 2.0, got {value}")
-        return value
+    channel_wavelengths_um: ChannelWavelengths | None = None
 
     @property
     def channels(self) -> int:

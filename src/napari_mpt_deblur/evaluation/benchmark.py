@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data.optics import BENCHMARK_OPTICS, Acquisition, fold_optics
+from ..data.synthesis import ChannelWavelengths
 from ..inference.settings import TileSide
 from ..io.atomic import write_text_atomic
 from ..io.paths import TIFF_SUFFIXES, list_images
@@ -79,7 +80,7 @@ class BenchmarkConfig(BaseModel):
     psf_model: Literal["scalar", "vectorial", "gibson_lanni", "pupil"] = "scalar"
     #: Colour images: the wavelength each channel is blurred at, um (``optics.wavelength_um`` is then
     #: unused); e.g. ``data.optics.RGB_WAVELENGTHS_UM``. None: grey images.
-    channel_wavelengths_um: tuple[float, ...] | None = Field(None, min_length=2, max_length=16)
+    channel_wavelengths_um: ChannelWavelengths | None = None
     peak_photons: float | None = 1000.0
     read_sigma_photons: float = 3.0
     seed: int = 0

@@ -7,10 +7,10 @@ import json
 import math
 import platform
 from collections.abc import Sequence
-
-import numpy as np
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..io.atomic import write_text_atomic, write_with
 from .matching import IOU_CURVE, pool_counts

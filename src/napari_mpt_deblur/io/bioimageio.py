@@ -52,6 +52,16 @@ from .bioimageio_package import (  # noqa: F401
     is_bioimageio_package,
     package_summary,
 )
+from .bioimageio_tensors import (
+    _cover_png,
+    _forward,
+    _scale_range,
+    _test_crop,
+    _test_image,
+    _training_data_note,
+    modality_tags,
+    test_data_text,
+)
 
 #: The package's tensor ids.
 INPUT_ID = "raw"
@@ -108,74 +118,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _test_image(channels: int) -> np.ndarray:
-    """The bundled image a package is tested on, (C, H, W) raw units: the defocused BBBC006 field
-    (repeated over the channels of a grey-trained multi-channel model), or for a 3-channel (RGB)
-    model the defocused stained-tissue sample."""
-    from ..data import samples
-
-    if channels == 3:
-        return np.moveaxis(samples.defocused_tissue_rgb(), -1, 0)
-    return np.repeat(samples.defocused_bbbc006()[None], channels, axis=0)
-
-
-def _test_crop(side: int, channels: int = 1) -> np.ndarray:
-    """A centred ``side`` x ``side`` crop (float32, (C, side, side), raw units) of :func:`_test_image`."""
-    image = _test_image(channels)
-    h, w = image.shape[-2:]
-    if side > min(h, w):
-        raise BioimageioError(f"test tile {side} is larger than the bundled image {h}x{w}")
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    return image[:, y0:y0 + side, x0:x0 + side].astype(np.float32)
-
-
-def _training_data_note(channels: int) -> str:
-    if channels == 3:
-        return ("Trained on stained tissue sections (RGB brightfield, BBBC038 histology) with synthetic defocus, "
-                "each colour\nblurred at its own wavelength (incoherent imaging assumed); other stains and "
-                "modalities may need fine-tuning.")
-    return ("Trained on Hoechst-stained\nU2OS nuclei (widefield); other samples and modalities may need "
-            "fine-tuning (`mpt-deblur finetune`).")
-
-
-def _scale_range(x: np.ndarray, low: float, high: float, eps: float) -> np.ndarray:
-    """bioimage.io ``scale_range`` per sample over (y, x), and over the channels too when there are
-    several (one range for a colour image, as the engine and training normalise it):
-    (x - lo) / (hi - lo + eps)."""
-    axes = (-2, -1) if x.shape[1] == 1 else (-3, -2, -1)
-    lo = np.percentile(x, low, axis=axes, keepdims=True)
-    hi = np.percentile(x, high, axis=axes, keepdims=True)
-    return ((x - lo) / (hi - lo + eps)).astype(np.float32)
-
-
-def _forward(model, x: np.ndarray) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        return model(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
-
-
-def _cover_png(before: np.ndarray, after: np.ndarray) -> bytes:
-    """before | after side by side (2:1), both shown with the before image's 0.1/99.9 percentile range."""
-    from matplotlib.figure import Figure
-
-    lo, hi = np.percentile(before, [0.1, 99.9])
-    scale = max(float(hi - lo), 1e-12)
-    panel = np.concatenate([(before - lo) / scale, (after - lo) / scale], axis=1).clip(0, 1)
-    h, w = panel.shape
-    fig = Figure(figsize=(w / 100, h / 100), dpi=100)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(panel, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.axvline(w / 2 - 0.5, color="white", linewidth=2)
-    for x, text in ((0.02, "before (defocused)"), (0.52, "after (deblurred)")):
-        ax.text(x, 0.96, text, transform=ax.transAxes, color="white", fontsize=10, va="top",
-                bbox={"facecolor": "black", "alpha": 0.5, "pad": 2, "edgecolor": "none"})
-    ax.set_axis_off()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
 def _training_summary(record) -> str:
     """A readable description of the training data and run, from the model record's provenance."""
     training = record.training or {}
@@ -218,10 +160,11 @@ def _orientations_note(record) -> str:
             "flipped inputs, flip the outputs back and average.\n")
 
 
-def _readme(record, halo: int, multiple: int, formats: list[str]) -> str:
+def _readme(record, halo: int, multiple: int, formats: list[str], side: int) -> str:
     arch = record.architecture
     net = "Multi-Pyramid Transformer (MPT)" if arch.arch == "mpt" else "head-to-tail multi-scale U-Net (H2T U-Net)"
     norm = record.normalisation
+    per_channel = " and channel" if arch.in_channels == 1 else ", all channels together"
     cites = "\n".join(f"- {text} <{url}>" for text, url in CITATIONS)
     return f"""# {record.name}: defocus deblurring ({net})
 
@@ -235,7 +178,7 @@ Exported from napari-mpt-deblur {record.package_version} by
 
 - Input `{INPUT_ID}`: (batch, channel, y, x), float32, in the camera's units. H and W: any multiple of
   {multiple} (the network also pads other sizes internally). Preprocessing: `scale_range` with the
-  {norm.low} / {norm.high} percentiles of each image{' and channel' if arch.in_channels == 1 else ', all channels together'},
+  {norm.low} / {norm.high} percentiles of each image{per_channel},
   the normalisation the model was trained with.
 - Output `{OUTPUT_ID}`: same shape, **in normalised units**: 0 and 1 are the input's {norm.low} and {norm.high}
   percentiles. bioimage.io has no postprocessing that inverts a per-image `scale_range`; to get the
@@ -253,8 +196,8 @@ attached to this package as `{record.name}.json`.
 
 ## Validation
 
-The package's test tensors are a {TEST_SIDE}x{TEST_SIDE} crop of a real defocused BBBC006 image (plane z_00, about
-32 um below focus, excluded from training); the cover shows that crop before and after. Validation PSNR/SSIM
+The package's test tensors are {test_data_text(arch.in_channels, side)}; the cover shows that crop before and after.
+Validation PSNR/SSIM
 on held-out synthetic pairs are in the training record above; the napari-mpt-deblur benchmark
 (docs/benchmarks.md) reports PSNR, SSIM and StarDist AP before and after deblurring.
 
@@ -377,8 +320,9 @@ def export_bioimageio(
         # Sample tensors (FAIR): the same crop as viewable TIFFs (2D, or (C, H, W) for several channels).
         import tifffile
 
-        tifffile.imwrite(staging / "sample_input.tif", x[0, 0] if channels == 1 else x[0])
-        tifffile.imwrite(staging / "sample_output.tif", expected[0, 0] if channels == 1 else expected[0])
+        tifffile.imwrite(staging / "sample_input.tif", x[0, 0] if channels == 1 else x[0], photometric="minisblack")
+        tifffile.imwrite(staging / "sample_output.tif", expected[0, 0] if channels == 1 else expected[0],
+                         photometric="minisblack")
         expected_grey = expected[0].mean(axis=0)
         (staging / "cover.png").write_bytes(_cover_png(raw, expected_grey * float(
             np.percentile(raw, norm.high) - np.percentile(raw, norm.low)) + float(np.percentile(raw, norm.low))))
@@ -401,7 +345,7 @@ def export_bioimageio(
         weights_path, record_path = model_paths(loaded.path)
         shutil.copyfile(weights_path, staging / weights_path.name)
         shutil.copyfile(record_path, staging / record_path.name)
-        (staging / "README.md").write_text(_readme(record, halo, multiple, formats), encoding="utf-8")
+        (staging / "README.md").write_text(_readme(record, halo, multiple, formats, side), encoding="utf-8")
 
         def file(name: str) -> v0_5.FileDescr:
             return v0_5.FileDescr(source=staging / name, sha256=_sha256((staging / name).read_bytes()))
@@ -460,7 +404,7 @@ def export_bioimageio(
             license=v0_5.LicenseId(LICENSE),
             documentation=file("README.md"),
             covers=[file("cover.png")],
-            tags=["deblurring", "defocus", "image-restoration", "fluorescence-light-microscopy", "nuclei",
+            tags=["deblurring", "defocus", "image-restoration", *modality_tags(arch.in_channels),
                   "2d", "pytorch", "napari-mpt-deblur", arch.arch],
             version=v0_5.Version(record.package_version),
             inputs=inputs,

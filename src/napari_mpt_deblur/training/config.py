@@ -59,7 +59,8 @@ class ModelChoice(_Strict):
     init: str | None = None
     #: Image channels (3 for RGB). None: 1 for a new network, the warm start's own for ``init``.
     #: A warm start from a 1-channel model with ``in_channels`` > 1 is widened
-    #: (``training.network.widen_channels``: it starts as the grey model applied to each channel's mean).
+    #: (``training.network.widen_channels``: its first layer reads the channels' mean, its last
+    #: writes every channel; an MPT's global residual then keeps each channel's own values).
     in_channels: int | None = Field(None, ge=1, le=16)
     #: Train only the parameters whose names start with one of these module paths (e.g. ``ups``,
     #: ``decoders.0``, ``head``); the rest are frozen (no gradient, no optimiser state, no weight

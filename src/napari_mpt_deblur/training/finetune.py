@@ -27,6 +27,7 @@ from torch import nn
 
 from ..data import datasets as D
 from ..data.normalisation import NormalisationConfig
+from ..data.optics import RGB_WAVELENGTHS_UM
 from ..data.synthesis import DefocusRange
 from ..losses.efcr import WARM_START_NYQUIST_WEIGHT, EFCRConfig
 from .config import ArraysSource, OptimConfig, TrainConfig
@@ -128,19 +129,33 @@ class FineTuner(TrainerJob):
             raise ValueError("fine-tuning needs at least one unlabeled image")
         _check_settings(steps=steps, lr=lr, batch=batch, patch=patch, beta=beta)
         net, self.base_name, self.normalisation, self.orientations = _resolve_model(model, device)
+        channels = getattr(getattr(net, "config", None), "in_channels", 1)
+        if channels != 1 and paired is None and sharp_images is None:
+            # The bundled sharp image is grey (and the colour sample's sharp original is a test image).
+            raise ValueError(f"{self.base_name} is a {channels}-channel (colour) model: its fine-tune needs sharp "
+                             "colour images (or paired blurred/sharp examples) for the supervised term; no sharp "
+                             "colour image ships for that")
+        if channels != 1 and defocus is None:
+            if channels != len(RGB_WAVELENGTHS_UM):
+                raise ValueError(f"{self.base_name} has {channels} channels: give a defocus range with "
+                                 "channel_wavelengths_um (one wavelength per channel)")
+            defocus = DefocusRange(channel_wavelengths_um=RGB_WAVELENGTHS_UM)
+
+        def image(im: np.ndarray, name: str) -> np.ndarray:  # (H, W) grey, or (C, H, W) colour
+            return D.as_channels(im, channels, name) if channels > 1 else D.as_2d(im, name)
         multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
         asked_patch, patch = patch, int(np.ceil(patch / multiple) * multiple)
         if paired is not None and sharp_images is not None:
             raise ValueError("give either paired (blurred, sharp) examples or sharp images for synthetic pairs, not both")
-        unlabeled = [D.as_2d(im, f"unlabeled image {i}") for i, im in enumerate(unlabeled_images)]
-        _check_patch(patch, [im.shape for im in unlabeled], asked_patch)
+        unlabeled = [image(im, f"unlabeled image {i}") for i, im in enumerate(unlabeled_images)]
+        _check_patch(patch, [im.shape[-2:] for im in unlabeled], asked_patch)
         patch_cfg = D.PatchConfig(size=patch, normalisation=self.normalisation)
         if paired is not None:
             if not paired:
                 raise ValueError("paired: no (blurred, sharp) examples given")
             pairs = []
             for i, (b, s_) in enumerate(paired):
-                b2, s2 = D.as_2d(b, f"paired blurred image {i}"), D.as_2d(s_, f"paired sharp image {i}")
+                b2, s2 = image(b, f"paired blurred image {i}"), image(s_, f"paired sharp image {i}")
                 if b2.shape != s2.shape:
                     raise ValueError(f"paired example {i}: blurred {b2.shape} and sharp {s2.shape} differ in shape")
                 gt, inp = D.reference_units(s2, b2, self.normalisation)
@@ -175,7 +190,7 @@ class FineTuner(TrainerJob):
             self.config,
             model=net,
             train_data=labeled,
-            extra_data=D.UnlabeledPatches(unlabeled, patch_cfg, seed=seed + 1),
+            extra_data=D.UnlabeledPatches(unlabeled, patch_cfg, seed=seed + 1, channels=channels),
             extra_labeled=False,
             val_pairs=[],
             write_files=False,

@@ -90,23 +90,38 @@ def widen_channels(net: nn.Module, channels: int) -> nn.Module:
 
 
 def sample_channels(dataset) -> int | None:
-    """Channels of a training dataset's samples (its first sample's ``inp`` or sharp window);
-    None for a dataset whose samples are not such dicts (a benchmark's stand-in)."""
+    """Channels of a dataset's samples (its first sample's ``inp`` or sharp window, or a validation
+    :class:`~napari_mpt_deblur.data.loaders.Pair`'s input); None for samples of another kind (a
+    benchmark's stand-in)."""
     item = dataset[0] if len(dataset) else None
+    if isinstance(item, D.Pair):
+        return 1 if item.inp.ndim == 2 else int(item.inp.shape[0])
     if not isinstance(item, dict):
         return None
     value = item.get("inp", item.get("sharp"))
     return None if value is None else int(value.shape[0])
 
 
+_CHANNEL_HINTS = {
+    "training data": "a colour model needs defocus.channel_wavelengths_um on its synthetic sources",
+    "extra data": "the extra (unlabeled or paired) images must be colour images too",
+    "validation pairs": "set validation.data.channel_wavelengths_um",
+}
+
+
 def check_channels(net: nn.Module, dataset, what: str = "training data") -> None:
-    """Refuse data whose channel count is not the network's input channels, naming both."""
+    """Refuse data whose channel count is not the network's input channels, naming both; every
+    source of a mixed dataset is checked (``dataset.datasets``), so a mismatch never waits for the
+    batch that happens to mix them."""
     want = getattr(getattr(net, "config", None), "in_channels", 1)
-    have = sample_channels(dataset)
-    if have is not None and have != want:
-        hint = (" (an RGB model needs defocus.channel_wavelengths_um on its synthetic source)" if want > 1 else
-                " (multi-channel data needs model.in_channels set to its channel count)")
-        raise ValueError(f"{what} has {have} channel(s) per sample but the network takes {want}{hint}")
+    for part in getattr(dataset, "datasets", [dataset]):
+        have = sample_channels(part)
+        if have is not None and have != want:
+            hint = (_CHANNEL_HINTS.get(what, "") if want > 1 else
+                    "multi-channel data needs model.in_channels set to its channel count")
+            verb = "have" if what.endswith("pairs") else "has"
+            raise ValueError(f"{what} {verb} {have} channel(s) per sample but the network takes {want}"
+                             + (f" ({hint})" if hint else ""))
 
 
 #: Scale of the MPT's output conv at a "zero" init (see build_network).

@@ -44,6 +44,14 @@ def _with_defaults(key: str, value: Any) -> Any:
         return value
 
 
+def _same_channels(model: Any, channels: int) -> Any:
+    """A ``model`` setting with ``in_channels`` written as None where it names the network's own
+    channel count: checkpoints from before ``in_channels`` could be None (unset) saved 1."""
+    if isinstance(model, dict) and model.get("in_channels") == channels:
+        return {**model, "in_channels": None}
+    return model
+
+
 class RunFiles:
     """Logs, checkpoints and the final model of a :class:`~napari_mpt_deblur.training.trainer.Trainer`."""
 
@@ -138,8 +146,9 @@ class RunFiles:
         ckpt = C.read_checkpoint(self.ckpt_dir, "last")
         saved = ckpt.state.get("config", {})
         ours = json.loads(config_json(self.config))
+        channels = getattr(getattr(self.net, "config", None), "in_channels", 1)
         for key in ("model", "batch_size", "seed", "patch", "efcr"):
-            if _with_defaults(key, saved.get(key)) != ours.get(key):
+            if _same_channels(_with_defaults(key, saved.get(key)), channels) != _same_channels(ours.get(key), channels):
                 raise C.CheckpointError(
                     f"{ckpt.folder / 'state.json'}: cannot resume with a different '{key}' setting "
                     f"(checkpoint: {json.dumps(saved.get(key))}, config: {json.dumps(ours.get(key))})"

@@ -153,6 +153,8 @@ class Trainer(RunFiles):
         check_channels(self.net, self.train_data)
         if self.extra_data is not None:
             check_channels(self.net, self.extra_data, "extra data")
+        if self.val_pairs:
+            check_channels(self.net, self.val_pairs, "validation pairs")
         from ..models.layers import set_gradient_checkpointing
 
         set_gradient_checkpointing(self.net, config.checkpointing)
