@@ -369,3 +369,19 @@ def test_worker_processes_give_the_same_run_and_bf16_autocast_runs(sharp_dir, tm
     result = bf.run()
     assert np.isfinite(result.history[0]["loss"])
     assert load_model(tmp_path / "c/model").record.training["precision"] == "bfloat16"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").rglob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_loads_and_names_existing_data(path):
+    """The configs the docs point at (shipped recipes, experiments, GPU runs) parse, and every
+    folder or file they read exists beside the repository (../shared)."""
+    cfg = load_config(path)
+    sources = [*cfg.data, *(cfg.unlabeled or []), *(cfg.extra_pairs or [])]
+    if cfg.validation is not None:
+        sources.append(cfg.validation.data)
+    for src in sources:
+        for field in ("sharp", "folder", "blurred", "root", "path", "labels"):
+            value = getattr(src, field, None)
+            if value is not None:
+                assert Path(value).exists(), f"{path.name}: {field} {value} does not exist"
