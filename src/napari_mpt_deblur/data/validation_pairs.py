@@ -36,7 +36,8 @@ def synthetic_validation_pairs(sharp: Sequence[np.ndarray], names: Sequence[str]
         gt = reference_units(as_channels(img, channels, name) if channels > 1 else as_2d(img, name))[0]
         for j, dz in enumerate(defocus_um):
             params = optics.psf_params(dz, model=psf_model)
-            inp = synthesize_defocus(gt, params, peak_photons, read_sigma_photons, rng=np.random.default_rng([seed, i, j]),
+            rng = np.random.default_rng([seed, i, j])
+            inp = synthesize_defocus(gt, params, peak_photons, read_sigma_photons, rng=rng,
                                      channel_wavelengths_um=channel_wavelengths_um)
             pairs.append(Pair(inp=inp, gt=gt, name=f"{name}@{dz:g}um"))
     # Blur the whole image, then crop: the crop's borders see real neighbours, not reflections.

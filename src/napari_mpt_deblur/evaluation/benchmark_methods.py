@@ -112,7 +112,8 @@ class ModelRestorer:
         self.device = self.engine.device
         found = self.loaded.record.architecture.arch
         if arch is not None and found != arch:
-            raise ValueError(f"model {name!r} is a {found} model, not {arch}; use {found.split('_')[0]}:{name} or model:{name}")
+            raise ValueError(f"model {name!r} is a {found} model, not {arch}; "
+                             f"use {found.split('_')[0]}:{name} or model:{name}")
 
     @property
     def description(self) -> str:
