@@ -66,10 +66,12 @@ def build_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def widen_channels(net: nn.Module, channels: int) -> nn.Module:
-    """A ``channels``-in, ``channels``-out copy of a trained 1-channel network that starts out
-    doing what the grey network does to each channel's mean: every weight that reads the image
-    (input-channel axis 1 -> C) is repeated and divided by C, every weight that writes it
-    (output-channel axis 1 -> C) is repeated. Any other shape change is an error."""
+    """A ``channels``-in, ``channels``-out copy of a trained 1-channel network that starts out as
+    the grey network applied to the channels' mean, written into every channel (a network with a
+    global residual, the MPT, adds that correction to each channel's own input instead): every
+    weight that reads the image (input-channel axis 1 -> C) is repeated and divided by C, every
+    weight that writes it (output-channel axis 1 -> C) is repeated. Any other shape change is an
+    error."""
     from ..models.registry import build_model
 
     arch = net.config.model_copy(update={"in_channels": channels, "out_channels": channels})
