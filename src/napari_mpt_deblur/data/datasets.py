@@ -190,8 +190,7 @@ class SyntheticPatches(_Base):
             raise ValueError("per-object depth (labels with per_object_prob > 0) is for single-channel images; "
                              f"these have {channels} channels (defocus.channel_wavelengths_um)")
         # Multi-channel images are (C, H, W), normalised jointly; single-channel ones stay (H, W).
-        self.images = [reference_units(as_channels(s, channels, f"sharp image {i}") if channels > 1
-                                       else as_2d(s, f"sharp image {i}"), norm=patch.normalisation)[0]
+        self.images = [reference_units(as_channels(s, channels, f"sharp image {i}"), norm=patch.normalisation)[0]
                        for i, s in enumerate(sharp)]
         self.names = list(names) if names is not None else [f"image {i}" for i in range(len(self.images))]
         self.labels = None if labels is None else [np.asarray(lab) for lab in labels]
@@ -450,8 +449,7 @@ class UnlabeledPatches(_Base):
     def __init__(self, images: Sequence[np.ndarray], patch: PatchConfig, seed: int = 0, channels: int = 1) -> None:
         if not images:
             raise ValueError("no unlabeled images")
-        self.images = [as_channels(im, channels, f"unlabeled image {i}") if channels > 1
-                       else as_2d(im, f"unlabeled image {i}") for i, im in enumerate(images)]
+        self.images = [as_channels(im, channels, f"unlabeled image {i}") for i, im in enumerate(images)]
         self.patch = patch
         self.seed = seed
         self._ranges = [percentile_range(im, patch.normalisation.low, patch.normalisation.high) for im in self.images]

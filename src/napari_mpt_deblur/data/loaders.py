@@ -39,10 +39,10 @@ def as_2d(arr: np.ndarray, name: str = "image") -> np.ndarray:
 
 def as_channels(arr: np.ndarray, channels: int, name: str = "image") -> np.ndarray:
     """(C, H, W) float32 of a ``channels``-channel image given channels-last (RGB(A), H x W x C)
-    or channels-first; an alpha channel is dropped. ``channels == 1``: :func:`as_2d` with a leading
-    axis. Anything else is an error that names the shape."""
+    or channels-first; an alpha channel is dropped. ``channels == 1``: :func:`as_2d`, (H, W), the
+    layout every grey pipeline uses. Anything else is an error that names the shape."""
     if channels == 1:
-        return as_2d(arr, name)[None]
+        return as_2d(arr, name)
     a = np.squeeze(np.asarray(arr))
     if a.ndim == 3 and a.shape[-1] in (channels, channels + 1) and a.shape[0] not in (channels, channels + 1):
         a = np.moveaxis(a[..., :channels], -1, 0)
@@ -208,6 +208,4 @@ def load_images(source: str | os.PathLike | Sequence[str | os.PathLike], names: 
     files = [f for f in files if not any(e in f.stem for e in exclude)]
     if not files:
         raise ImageReadError(f"no images left in {source} after excluding {list(exclude)}")
-    if channels > 1:
-        return [as_channels(read_array(f), channels, str(f)) for f in files], [f.stem for f in files]
-    return [read_image_2d(f) for f in files], [f.stem for f in files]
+    return [as_channels(read_array(f), channels, str(f)) for f in files], [f.stem for f in files]

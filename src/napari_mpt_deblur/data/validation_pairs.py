@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .loaders import Pair, as_2d, as_channels, reference_units
+from .loaders import Pair, as_channels, reference_units
 from .optics import Acquisition
 
 
@@ -33,7 +33,7 @@ def synthetic_validation_pairs(sharp: Sequence[np.ndarray], names: Sequence[str]
     channels = len(channel_wavelengths_um) if channel_wavelengths_um else 1
     pairs = []
     for i, (img, name) in enumerate(zip(sharp, names)):
-        gt = reference_units(as_channels(img, channels, name) if channels > 1 else as_2d(img, name))[0]
+        gt = reference_units(as_channels(img, channels, name))[0]
         for j, dz in enumerate(defocus_um):
             params = optics.psf_params(dz, model=psf_model)
             rng = np.random.default_rng([seed, i, j])

@@ -140,14 +140,11 @@ class FineTuner(TrainerJob):
                 raise ValueError(f"{self.base_name} has {channels} channels: give a defocus range with "
                                  "channel_wavelengths_um (one wavelength per channel)")
             defocus = DefocusRange(channel_wavelengths_um=RGB_WAVELENGTHS_UM)
-
-        def image(im: np.ndarray, name: str) -> np.ndarray:  # (H, W) grey, or (C, H, W) colour
-            return D.as_channels(im, channels, name) if channels > 1 else D.as_2d(im, name)
         multiple = getattr(getattr(net, "config", None), "size_multiple", 1)
         asked_patch, patch = patch, int(np.ceil(patch / multiple) * multiple)
         if paired is not None and sharp_images is not None:
             raise ValueError("give either paired (blurred, sharp) examples or sharp images for synthetic pairs, not both")
-        unlabeled = [image(im, f"unlabeled image {i}") for i, im in enumerate(unlabeled_images)]
+        unlabeled = [D.as_channels(im, channels, f"unlabeled image {i}") for i, im in enumerate(unlabeled_images)]
         _check_patch(patch, [im.shape[-2:] for im in unlabeled], asked_patch)
         patch_cfg = D.PatchConfig(size=patch, normalisation=self.normalisation)
         if paired is not None:
@@ -155,7 +152,8 @@ class FineTuner(TrainerJob):
                 raise ValueError("paired: no (blurred, sharp) examples given")
             pairs = []
             for i, (b, s_) in enumerate(paired):
-                b2, s2 = image(b, f"paired blurred image {i}"), image(s_, f"paired sharp image {i}")
+                b2 = D.as_channels(b, channels, f"paired blurred image {i}")
+                s2 = D.as_channels(s_, channels, f"paired sharp image {i}")
                 if b2.shape != s2.shape:
                     raise ValueError(f"paired example {i}: blurred {b2.shape} and sharp {s2.shape} differ in shape")
                 gt, inp = D.reference_units(s2, b2, self.normalisation)
