@@ -12,7 +12,8 @@ What is equal for both models, in every measurement:
 * the glibc allocator tuning (:func:`napari_mpt_deblur.inference.devices.tune_cpu_allocator`) is
   applied for both or for neither; ``--allocator both`` (default) reports each;
 * the same input tensor, batch 1, ``torch.inference_mode``, the same memory format
-  (``--channels-last`` puts both models and the input in channels_last);
+  (``--channels-last`` puts both models and the input in channels_last) and the same precision
+  (``--precision bf16`` runs both under CPU bf16 autocast);
 * one warm-up pass each, then rounds of one run per contestant, the order rotated every round,
   so that load from other processes on a shared machine hits all alike. Each round gives a
   ratio ours/theirs; the table reports the median of those paired ratios and their range.
@@ -40,7 +41,7 @@ from pathlib import Path
 from _child import run_child
 
 CHILD = r"""
-import importlib.util, json, os, statistics, sys, time, types
+import contextlib, importlib.util, json, os, statistics, sys, time, types
 args = json.loads(sys.argv[1])
 if args["allocator"] == "tuned":
     from napari_mpt_deblur.inference.devices import tune_cpu_allocator
@@ -90,7 +91,9 @@ for size in args["sizes"]:
     run = {"theirs": lambda: timed(lambda v: theirs(v)["result"], x)}
     for path in paths:
         run[path] = (lambda path=path: timed(ours, x, path))
-    with torch.inference_mode():
+    # The same autocast for both: fp32 (none) or CPU bf16 autocast (AMX / AVX-512 BF16 hardware).
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if args["precision"] == "bf16" else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         assert theirs(x)["result"].shape == x.shape  # warm-up, shapes
         for path in paths:
             ours_mod.set_attention_backend(path)
@@ -111,7 +114,7 @@ print(json.dumps(rows))
 def run_setting(allocator: str, args: argparse.Namespace) -> list[dict]:
     spec = {"allocator": allocator, "authors_path": str(args.authors_path), "deps": args.authors_deps,
             "threads": args.threads, "sizes": args.sizes, "repeats": args.repeats, "channels": args.channels,
-            "channels_last": args.channels_last,
+            "channels_last": args.channels_last, "precision": args.precision,
             "attention": ["reference", "sdpa"] if args.attention == "both" else [args.attention]}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.pop("MPT_DEBLUR_NO_MALLOPT", None)
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention", choices=["both", "sdpa", "reference"], default="both",
                    help="our attention path(s): 'both' times the reference (explicit matmul, the code before "
                         "issue 16) and the fused SDPA path as two contestants in the same rotation")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: both models under CPU bf16 autocast (worth it only on CPUs with AMX / AVX-512 BF16)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible, "
           f"{args.threads} threads, torch {torch.__version__}, MPT paper preset, {args.channels} channels, batch 1, "
           f"{args.repeats} alternating runs per model after 1 warm-up each, channels_last "
-          f"{'on' if args.channels_last else 'off'} for both, our attention: {args.attention}")
+          f"{'on' if args.channels_last else 'off'} for both, precision {args.precision} for both, "
+          f"our attention: {args.attention}")
     print()
     print("| allocator (both) | size | ours: attention | theirs median s [min-max] | ours median s [min-max] | "
           "ours/theirs, paired per round: median [min-max] | speed-up |")

@@ -208,7 +208,7 @@ def test_min_gain_keeps_the_start_unless_a_checkpoint_clears_it(micro_model_path
     code = main(["calibrate", "--model", str(micro_model_path), "--na", "0.45", "--wavelength", "0.461",
                  "--pixel", "0.645", "--sharp", str(sharp), "--no-bundled", "--time-budget", "0.1", "--patch", "32",
                  "--batch", "2", "--validate-every", "2", "--min-gain-se", "1e9", "--held-back", "1", "--device", "cpu",
-                 "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "work")])
+                 "--precision", "bf16", "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "work")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = list(csv.DictReader((tmp_path / "work" / "val.csv").open(encoding="utf-8")))
@@ -221,6 +221,7 @@ def test_min_gain_keeps_the_start_unless_a_checkpoint_clears_it(micro_model_path
     assert training["exported_from"] == {"checkpoint": "best", "step": 0}
     assert training["calibration"]["settings"]["min_gain_se"] == 1e9
     assert training["calibration"]["settings"]["validation_images"] == 1
+    assert training["calibration"]["settings"]["precision"] == "bf16"  # --precision reaches the trainer's settings
 
 
 def test_cli_reads_optics_from_ome_metadata_and_reports_them(micro_model_path, tmp_path, capsys):

@@ -361,6 +361,28 @@ def test_precision_on_cpu_falls_back_to_fp32_with_a_warning(models):
     assert Deblurrer(models["h2t"], device="cpu").settings.precision == "fp32"
 
 
+def test_bf16_on_cpu_follows_the_cpus_bf16_hardware(models, monkeypatch):
+    from napari_mpt_deblur.inference import devices
+
+    plane = np.random.default_rng(3).random((96, 128), dtype=np.float32)
+    fp32 = Deblurrer(models["h2t"], precision="fp32", device="cpu", tile=128).deblur_plane(plane)
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="AMX / AVX-512 BF16; running in fp32"):
+        emulated = Deblurrer(models["h2t"], precision="bf16", device="cpu", tile=128)
+    assert emulated.settings.precision == "fp32"
+    np.testing.assert_array_equal(emulated.deblur_plane(plane), fp32)
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    native = Deblurrer(models["h2t"], precision="bf16", device="cpu", tile=128)
+    assert native.settings.precision == "bf16"
+    assert Deblurrer(models["h2t"], device="cpu").settings.precision == "fp32"  # auto stays exact
+    out = native.deblur_plane(plane)
+    diff = np.abs(out - fp32)
+    assert diff.max() > 0  # the forward really ran under bf16 autocast
+    assert diff.max() < 0.05 * (fp32.max() - fp32.min())
+
+
 def test_model_is_loaded_once_per_process(models):
     from napari_mpt_deblur.inference.engine import model_load_count
 

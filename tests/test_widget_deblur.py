@@ -40,6 +40,7 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_wo
     widget.image.value = layer
     widget.output_dtype.value = "input"
     widget.orientations.value = 4  # the flip average (inference.orientations) goes through to the run
+    widget.precision.value = "bf16"  # honoured on a CPU with bf16 hardware, fp32 (with a warning) elsewhere
     assert widget.run() is not None  # a worker started
     wait_for_worker(widget)
     out = viewer.layers["blurry deblurred (tiny-test)"]
@@ -51,6 +52,9 @@ def test_deblur_2d_sample_keeps_geometry_and_records_settings(qtbot, wait_for_wo
     meta = out.metadata["mpt_deblur"]
     assert meta["model"]["name"] == "tiny-test" and meta["axes"] == "YX"
     assert meta["settings"]["output_dtype"] == "input" and meta["settings"]["orientations"] == 4
+    from napari_mpt_deblur.inference.devices import cpu_has_native_bf16
+
+    assert meta["settings"]["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert widget.status.value.endswith(", 4 orientations averaged")
     assert out.metadata["source_layer"] == "blurry"
     np.testing.assert_array_equal(layer.data, before)

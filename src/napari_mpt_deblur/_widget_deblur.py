@@ -160,6 +160,10 @@ class DeblurWidget(Container):
         # would read as "nothing selected" to the combo box.
         self.orientations = ComboBox(label="orientations", value=0, choices=[
             ("model default", 0), ("1 (fastest)", 1), ("4 flips (4x time)", 4), ("8 (8x time)", 8)])
+        # InferenceSettings.precision: bf16 is honoured on GPUs and on CPUs with AMX / AVX-512 BF16
+        # (elsewhere the run warns and uses fp32); "auto" is exact fp32 on every CPU.
+        self.precision = ComboBox(label="precision", value="auto", choices=[
+            ("auto", "auto"), ("fp32 (exact)", "fp32"), ("bf16 (faster on GPUs, AMX CPUs)", "bf16")])
         self.save_zarr = CheckBox(text="save to zarr (big stacks)", value=False)
         self.zarr_path = FileEdit(label="zarr path", mode="w", value="")
         self.run_button = PushButton(text="Deblur")
@@ -168,7 +172,7 @@ class DeblurWidget(Container):
         self.status = Label(value="")
         self.extend([
             self.image, self.model, self.model_file, self.device, self.tile, self.overlap, self.axes,
-            self.output_dtype, self.orientations, self.save_zarr, self.zarr_path, self.run_button, self.cancel_button,
+            self.output_dtype, self.orientations, self.precision, self.save_zarr, self.zarr_path, self.run_button, self.cancel_button,
             self.progress, self.status,
         ])
         status_line(self.status)
@@ -269,7 +273,7 @@ class DeblurWidget(Container):
         # before any worker starts; 0 and -1 in the SpinBoxes are "auto" (None).
         settings = InferenceSettings.for_model(
             *found, device=self.device.value, output_dtype=self.output_dtype.value,
-            orientations=self.orientations.value or None,
+            orientations=self.orientations.value or None, precision=self.precision.value,
             tile=int(self.tile.value) if self.tile.value > 0 else None,
             overlap=int(self.overlap.value) if self.overlap.value >= 0 else None,
         )

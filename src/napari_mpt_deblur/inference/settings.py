@@ -37,8 +37,8 @@ class InferenceSettings(BaseModel):
       the caller's thread, one plane per forward pass (the reference the batched path is tested
       against). ``None``: the device default, on for GPUs, off on CPU, where the extra threads
       compete with torch's for the cores (64 planes of 520 x 696 on 2 cores: 0.91x, docs/performance.md).
-    * ``precision``: ``fp16``/``bf16`` autocast on GPUs only; ``auto`` is bf16 on CUDA GPUs
-      that support it, fp32 elsewhere (:func:`~napari_mpt_deblur.inference.devices.resolve_precision`).
+    * ``precision``: ``fp16``/``bf16`` autocast on GPUs, and ``bf16`` on CPUs with AMX or
+      AVX-512 BF16; ``auto`` is bf16 on CUDA GPUs that support it, fp32 elsewhere (:func:`~napari_mpt_deblur.inference.devices.resolve_precision`).
     * ``output_dtype``: ``float32``, or ``input`` (rounded and clipped for integer inputs).
     * ``orientations``: 1, 4 or 8: restore every tile in that many orientations (its four flips;
       with 8 also those of its transpose), map back and average (:mod:`.orientations`). It cancels
