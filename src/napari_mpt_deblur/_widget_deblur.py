@@ -172,8 +172,8 @@ class DeblurWidget(Container):
         self.status = Label(value="")
         self.extend([
             self.image, self.model, self.model_file, self.device, self.tile, self.overlap, self.axes,
-            self.output_dtype, self.orientations, self.precision, self.save_zarr, self.zarr_path, self.run_button, self.cancel_button,
-            self.progress, self.status,
+            self.output_dtype, self.orientations, self.precision, self.save_zarr, self.zarr_path, self.run_button,
+            self.cancel_button, self.progress, self.status,
         ])
         status_line(self.status)
         self._relay = _ProgressRelay()

@@ -98,11 +98,11 @@ def resolve_precision(requested: str, device: torch.device, *, training: bool = 
       transformer may overflow, and nothing would catch it). fp32 on CPU and MPS.
     * ``bf16`` on CPU: inference honours it where the CPU computes bf16 natively
       (:func:`cpu_has_native_bf16`: AMX or AVX-512 BF16; on this project's reference CPU the H2T
-      U-Net runs 1.6x faster, docs/performance.md) and otherwise warns and runs fp32 (emulated
+      U-Net runs 3.4x faster at the same PSNR, docs/performance.md) and otherwise warns and runs fp32 (emulated
       bf16 is slower than fp32). ``fp16`` on CPU: inference warns and runs fp32. Training honours
       both on any CPU (e.g. to test a bf16 run on a laptop).
-    * ``auto`` stays fp32 on every CPU: a bf16 result differs from fp32 by ~1e-3 of the output
-      range, so the faster, less exact mode is the user's explicit choice.
+    * ``auto`` stays fp32 on every CPU: a bf16 result differs from fp32 by up to ~1% of the
+      output range at single pixels, so the faster, less exact mode is the user's explicit choice.
     * ``bf16`` on MPS: not supported by MPS autocast; warns and uses fp16.
     """
     if requested not in PRECISIONS:
