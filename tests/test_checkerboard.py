@@ -97,6 +97,11 @@ _MPT_ONE_PASS = pytest.mark.xfail(strict=True, reason="one pass of the shipped m
     ("h2t-unet-fluo", None, 1),
     pytest.param("mpt-small-fluo", None, 4, marks=pytest.mark.slow),
     pytest.param("mpt-small-fluo", 1, 1, marks=[pytest.mark.slow, _MPT_ONE_PASS]),
+    # mpt-tiny-fluo (2026-12-01) is the best-scoring MPT but its pass carries a period-2 pattern
+    # (7.2 on the demo) that flips do not cancel (4 orientations: 13.1, 8: 7.2), so its record keeps
+    # one pass; docs/models.md, "mpt-tiny-fluo". Strict: the mark must go when a clean one ships.
+    pytest.param("mpt-tiny-fluo", None, 1, marks=pytest.mark.xfail(
+        strict=True, reason="mpt-tiny-fluo adds a period-2 pattern that orientation averaging does not cancel")),
 ])
 def test_shipped_models_add_no_checkerboard(name, orientations, resolved):
     """Issue 13's acceptance: on the demo image (one whole-image pass) each shipped model, run with
