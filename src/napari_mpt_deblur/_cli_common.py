@@ -13,6 +13,19 @@ class CommandError(Exception):
     """An error whose message is meant for the user as is (no traceback)."""
 
 
+def settings_choices(field: str) -> list[str]:
+    """The values an ``InferenceSettings`` field accepts (flags are generated from the settings,
+    not declared twice; the settings module is torch-free, so ``--help`` stays instant)."""
+    from typing import get_args
+
+    from .inference.settings import InferenceSettings
+
+    annotation = InferenceSettings.model_fields[field].annotation
+    # ``Literal[...] | None`` (None = the default): the flag offers the literal's values.
+    literals = [a for a in get_args(annotation) if a is not type(None)] if type(None) in get_args(annotation) else [annotation]
+    return [value for lit in literals for value in get_args(lit)]
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._cli_common import EXIT_OK, CommandError, add_optics_flags, names_arg, optics_flags
+from ._cli_common import EXIT_OK, CommandError, add_optics_flags, names_arg, optics_flags, settings_choices
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +77,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    # The inference settings' precision values: the training configs accept the same four.
+    p.add_argument("--precision", choices=settings_choices("precision"), default="auto",
                    help="autocast precision of the training steps (auto: bf16 on CUDA GPUs that have it, fp32 "
                         "elsewhere; bf16 on a CPU with AMX runs a U-Net step about 1.8x faster, docs/training.md)")
 

@@ -25,6 +25,7 @@ from ._cli_common import (  # noqa: F401
     _float_list,
     _refuse_existing,
     _str_list,
+    settings_choices,
 )
 from ._cli_evaluation import _add_benchmark, _add_compare, _add_evaluate
 from ._cli_training import _add_calibrate, _add_finetune, _add_train
@@ -124,19 +125,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if result is not None else EXIT_ERROR
 
 
-def _choices(field: str) -> list[str]:
-    """The values an ``InferenceSettings`` field accepts (flags are generated from the settings,
-    not declared twice; the settings module is torch-free, so ``--help`` stays instant)."""
-    from typing import get_args
-
-    from .inference.settings import InferenceSettings
-
-    annotation = InferenceSettings.model_fields[field].annotation
-    # ``Literal[...] | None`` (None = the default): the flag offers the literal's values.
-    literals = [a for a in get_args(annotation) if a is not type(None)] if type(None) in get_args(annotation) else [annotation]
-    return [value for lit in literals for value in get_args(lit)]
-
-
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="deblur a TIFF or zarr image/stack, tiled and lazy",
                        description="Deblur INPUT (TIFF, incl. LZW, or zarr) into OUTPUT (.tif/.tiff or .zarr).")
@@ -148,8 +136,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels")
     p.add_argument("--batch", type=int, default=None, help="tiles per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=_choices("precision"), default="auto")
-    p.add_argument("--dtype", choices=_choices("output_dtype"), default="float32", help="output dtype")
+    p.add_argument("--precision", choices=settings_choices("precision"), default="auto")
+    p.add_argument("--dtype", choices=settings_choices("output_dtype"), default="float32", help="output dtype")
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address, or 'local' for a LocalCluster")
     p.add_argument("--normalisation", choices=["plane", "stack"], default="plane",
                    help="percentile range per 2D plane (default) or one range for the whole stack")
@@ -158,7 +146,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model for the tile shape (default: per device, see docs/performance.md); "
                         "falls back to eager with a warning if compiling fails")
-    p.add_argument("--orientations", type=int, choices=_choices("orientations"), default=None,
+    p.add_argument("--orientations", type=int, choices=settings_choices("orientations"), default=None,
                    help="restore every tile in 1, 4 (its flips) or 8 (flips and transposes) orientations and "
                         "average: removes a model's grid pattern and lowers the error, at 4x / 8x the time; "
                         "default: the model's own (4 for mpt-small-fluo, 1 for the others; docs/inference.md)")
