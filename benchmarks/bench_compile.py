@@ -19,6 +19,7 @@ import platform
 import statistics
 
 from _child import run_child
+from _report import per_megapixel, spread
 
 CHILD = r"""
 import json, statistics, sys, time, warnings
@@ -82,14 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mp = r["shape"][0] * r["shape"][1] / 1e6
-        e = [t / mp for t in r["times"]["eager"]]
-        c = [t / mp for t in r["times"]["compiled"]]
+        e, c = (per_megapixel(r["times"][k], r["shape"]) for k in ("eager", "compiled"))
         me, mc = statistics.median(e), statistics.median(c)
         saved = (me - mc) * mp
         repay = f"{r['compile_s'] / saved:.0f}" if saved > 0 else "never"
         status = f" (FAILED: {r['failed']})" if r["failed"] else ""
-        print(f"| {r['model']}{status} | {r['arch']} | {r['tile']} | {r['compile_s']:.1f} | {me:.2f} [{min(e):.2f}-{max(e):.2f}] "
-              f"| {mc:.2f} [{min(c):.2f}-{max(c):.2f}] | {mc / me:.2f} | {repay} | {r['max_abs_diff']:.1e} |")
+        print(f"| {r['model']}{status} | {r['arch']} | {r['tile']} | {r['compile_s']:.1f} | {spread(e)} "
+              f"| {spread(c)} | {mc / me:.2f} | {repay} | {r['max_abs_diff']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import platform
 import statistics
 
 from _child import run_child
+from _report import per_megapixel, spread
 
 CHILD = r"""
 import json, sys, time
@@ -98,12 +99,10 @@ def main(argv: list[str] | None = None) -> None:
           "| PSNR fp32 | PSNR bf16 | max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        mp = r["shape"][0] * r["shape"][1] / 1e6
-        f = [t / mp for t in r["times"]["fp32"]]
-        b = [t / mp for t in r["times"]["bf16"]]
+        f, b = (per_megapixel(r["times"][p], r["shape"]) for p in ("fp32", "bf16"))
         mf, mb = statistics.median(f), statistics.median(b)
-        print(f"| {r['model']} | {r['arch']} | {r['tile']} | {mf:.2f} [{min(f):.2f}-{max(f):.2f}] "
-              f"| {mb:.2f} [{min(b):.2f}-{max(b):.2f}] | {mf / mb:.2f}x | {r['psnr']['fp32']:.2f} "
+        print(f"| {r['model']} | {r['arch']} | {r['tile']} | {spread(f)} "
+              f"| {spread(b)} | {mf / mb:.2f}x | {r['psnr']['fp32']:.2f} "
               f"| {r['psnr']['bf16']:.2f} | {r['max_abs_diff']:.1e} |")
 
 

@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from _child import run_child
+from _report import spread
 
 CHILD = r"""
 import contextlib, importlib.util, json, os, statistics, sys, time, types
@@ -179,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 ratios = [o / t for o, t in zip(ours, theirs)]
                 med = statistics.median(ratios)
-                print(f"| {alloc} | {r['size']}² | {path} | {statistics.median(theirs):.2f} "
-                      f"[{min(theirs):.2f}-{max(theirs):.2f}] | {statistics.median(ours):.2f} "
-                      f"[{min(ours):.2f}-{max(ours):.2f}] | {med:.3f} [{min(ratios):.3f}-{max(ratios):.3f}] "
+                print(f"| {alloc} | {r['size']}² | {path} | {spread(theirs)} | {spread(ours)} | {spread(ratios, 3)} "
                       f"| {1 / med:.2f}x |")
     first = next(iter(results.values()))[0]
     print()

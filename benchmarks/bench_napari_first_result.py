@@ -24,9 +24,9 @@ needed: ``--label`` only names the rows).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 from _child import run_child
+from _report import spread
 
 CHILD = r"""
 import json, sys, time
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
 
     def cell(key: str) -> str:
-        v = [r[key] for r in rows]
-        return f"{statistics.median(v):.2f} [{min(v):.2f}-{max(v):.2f}]"
+        return spread([r[key] for r in rows])
 
     busy = sum(bool(r.get("preload_busy_at_click")) for r in rows)
     print(f"| {args.label} | {cell('viewer_s')} | {cell('widget_s')} | {cell('idle_s')} | {busy} of {len(rows)} "
