@@ -23,13 +23,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import datasets as D
 from ..data.optics import OPTICS_FLAGS, Acquisition
+from ..inference.settings import Precision
 from ..losses.efcr import WARM_START_NYQUIST_WEIGHT, EFCRConfig
 from .config import ArraysSource, ArraysValidation, ModelChoice, OptimConfig, TrainConfig, ValidationConfig
 from .trainer import StepRecord, Trainer, TrainerJob
@@ -91,7 +92,7 @@ class CalibrationSettings(BaseModel):
     min_gain_se: float = Field(0.0, ge=0)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     cpu_threads: int | None = Field(None, ge=1)
 
     @field_validator("defocus_um", "peak_photons", "read_sigma_photons")

@@ -28,6 +28,7 @@ from ..data.sources import (  # noqa: F401
     UnlabeledSource,
     ZStackSource,
 )
+from ..inference.settings import Precision
 from ..losses.efcr import EFCRConfig
 from ..models.config import ArchConfig
 
@@ -109,7 +110,7 @@ class TrainConfig(_Strict):
     steps: int = Field(300_000, ge=1)
     efcr: EFCRConfig = Field(default_factory=EFCRConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     device: str = "auto"
     validation: ValidationConfig | None = None
     checkpoint_every: int = Field(500, ge=1)

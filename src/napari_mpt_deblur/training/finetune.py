@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -29,6 +29,7 @@ from ..data import datasets as D
 from ..data.normalisation import NormalisationConfig
 from ..data.optics import RGB_WAVELENGTHS_UM
 from ..data.synthesis import DefocusRange
+from ..inference.settings import Precision
 from ..losses.efcr import WARM_START_NYQUIST_WEIGHT, EFCRConfig
 from .config import ArraysSource, OptimConfig, TrainConfig
 from .trainer import StepRecord, Trainer, TrainerJob
@@ -121,7 +122,7 @@ class FineTuner(TrainerJob):
         beta: float = FINETUNE_BETA,
         defocus: DefocusRange | None = None,
         device: str = "auto",
-        precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+        precision: Precision = "auto",
         seed: int = 0,
         warmup_steps: int | None = None,
     ) -> None:
