@@ -204,3 +204,14 @@ def test_deblur_widget_accepts_a_package(make_napari_viewer_proxy, qtbot, wait_f
     out = viewer.layers["blurry deblurred (tiny-test)"].data
     expected = Deblurrer(str(model_file), InferenceSettings(device="cpu")).deblur_plane(image)
     np.testing.assert_allclose(out, expected, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_package_readme_tells_a_single_pass_consumer_how_to_average():
+    """The README of a package says how to reproduce the averaging the record asks for; a model
+    that asks for none gets no such paragraph."""
+    from napari_mpt_deblur.io.bioimageio import _averaging_note
+
+    tiny, small, unet = (load_model(name).record for name in ("mpt-tiny-fluo", "mpt-small-fluo", "h2t-unet-fluo"))
+    assert "moved by one pixel" in _averaging_note(tiny) and "orientations" not in _averaging_note(tiny)
+    assert "in 4 orientations" in _averaging_note(small) and "one pixel" not in _averaging_note(small)
+    assert _averaging_note(unet) == ""

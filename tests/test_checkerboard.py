@@ -93,28 +93,31 @@ def test_a_long_default_finetune_does_not_grow_a_grid_locked_pattern():
 _MPT_ONE_PASS = pytest.mark.xfail(strict=True, reason="one pass of the shipped mpt-small-fluo adds its faint period-2 pattern")
 
 
-@pytest.mark.parametrize(("name", "orientations", "resolved"), [
-    ("h2t-unet-fluo", None, 1),
-    pytest.param("mpt-small-fluo", None, 4, marks=pytest.mark.slow),
-    pytest.param("mpt-small-fluo", 1, 1, marks=[pytest.mark.slow, _MPT_ONE_PASS]),
-    # mpt-tiny-fluo (2026-12-01) is the best-scoring MPT but its pass carries a period-2 pattern
-    # (7.2 on the demo) that flips do not cancel (4 orientations: 13.1, 8: 7.2), so its record keeps
-    # one pass; docs/models.md, "mpt-tiny-fluo". Strict: the mark must go when a clean one ships.
-    pytest.param("mpt-tiny-fluo", None, 1, marks=pytest.mark.xfail(
-        strict=True, reason="mpt-tiny-fluo adds a period-2 pattern that orientation averaging does not cancel")),
+@pytest.mark.parametrize(("name", "asked", "resolved"), [
+    ("h2t-unet-fluo", (None, None), (1, 1)),
+    pytest.param("mpt-small-fluo", (None, None), (4, 1), marks=pytest.mark.slow),
+    pytest.param("mpt-small-fluo", (1, None), (1, 1), marks=[pytest.mark.slow, _MPT_ONE_PASS]),
+    # mpt-tiny-fluo's single pass carries a period-2 pattern modulated along its window grid that
+    # flips do not cancel (demo: 7.2 in one pass, 13.1 with 4 flips); averaging it with the image
+    # moved by one pixel does (1.8), so its record asks for 2 shifts (docs/inference.md).
+    ("mpt-tiny-fluo", (None, None), (1, 2)),
+    pytest.param("mpt-tiny-fluo", (None, 1), (1, 1), marks=pytest.mark.xfail(
+        strict=True, reason="one unshifted pass of mpt-tiny-fluo adds its period-2 pattern")),
 ])
-def test_shipped_models_add_no_checkerboard(name, orientations, resolved):
+def test_shipped_models_add_no_checkerboard(name, asked, resolved):
     """Issue 13's acceptance: on the demo image (one whole-image pass) each shipped model, run with
     the default settings, keeps its Nyquist energy ratio within 2x of the input's. The first
     shipped weights, with phase-split upsamplers, scored 114 (H2T) and 7.3 (MPT) against the
     input's 1.07. The MPT's pattern is locked to its tile grid, so averaging the four flips of each
-    tile cancels it (1.31, inference.orientations): its record makes that its default."""
+    tile cancels it (1.31, inference.orientations): its record makes that its default.
+    ``asked``/``resolved``: (orientations, shifts) requested (None: the model's default) and used."""
     from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings
 
     image = defocused_bbbc006()
-    engine = Deblurrer(name, InferenceSettings(device="cpu", tile=1024, orientations=orientations))
-    assert engine.settings.orientations == resolved
+    orientations, shifts = asked
+    engine = Deblurrer(name, InferenceSettings(device="cpu", tile=1024, orientations=orientations, shifts=shifts))
+    assert (engine.settings.orientations, engine.settings.shifts) == resolved
     if engine.record.architecture.arch == "h2t_unet":  # the MPT may keep the paper's upsampler if trained clean
         assert engine.record.architecture.upsample == "resize_conv"
     restored = nyquist_energy_ratio(engine.deblur_plane(image))
-    assert restored <= 2 * nyquist_energy_ratio(image), f"{name}, {resolved} orientations: Nyquist energy ratio {restored:.2f}"
+    assert restored <= 2 * nyquist_energy_ratio(image), f"{name}, (orientations, shifts) {resolved}: Nyquist energy ratio {restored:.2f}"

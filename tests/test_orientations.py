@@ -1,5 +1,6 @@
-"""Orientation averaging (inference.orientations): flips cancel a grid-locked pattern, the engine's
-average equals flipping the image by hand, and every front end passes the setting through."""
+"""Orientation and pixel-shift averaging (inference.orientations): flips cancel a grid-locked
+pattern, one-pixel shifts cancel one that flips leave, the engine's average equals flipping the
+image by hand, and every front end passes the settings through."""
 
 from __future__ import annotations
 
@@ -158,5 +159,84 @@ def test_benchmark_methods_take_an_orientation_count():
     assert (spec.model, spec.arch, spec.orientations, spec.key) == ("mpt-small-fluo", "mpt", 4, "mpt:mpt-small-fluo@4")
     assert parse_method("h2t:h2t-unet-fluo").orientations is None  # the model's default, as predict
     assert parse_method("mpt:mpt-small-fluo@1").orientations == 1
-    with pytest.raises(ValueError, match=r"@3 is not an orientation count; use @1 \(one pass\), @4"):
+    with pytest.raises(ValueError, match=r"@3 is not a pass count; use @1 \(one pass\), @4"):
         parse_method("h2t:h2t-unet-fluo@3")
+    two = parse_method("mpt:mpt-tiny-fluo@1s2")
+    assert (two.model, two.orientations, two.shifts) == ("mpt-tiny-fluo", 1, 2)
+    assert (parse_method("mpt:mpt-tiny-fluo@s1").orientations, parse_method("mpt:mpt-tiny-fluo@s1").shifts) == (None, 1)
+    assert parse_method("mpt:mpt-tiny-fluo@4").shifts is None
+    for bad in ("@1s3", "@s", "@4x2"):
+        with pytest.raises(ValueError, match=f"{bad} is not a pass count"):
+            parse_method(f"mpt:mpt-tiny-fluo{bad}")
+
+
+class WindowedGridPattern(torch.nn.Module):
+    """A period-2 pattern locked to the tile's pixel grid whose strength and sign vary along a
+    32-pixel window grid, asymmetrically: what ``mpt-tiny-fluo`` adds (docs/inference.md). A
+    flip moves the window grid onto other pixels, so the flips' patterns differ and do not cancel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        yy = torch.arange(x.shape[-2], dtype=x.dtype)[:, None]
+        xx = torch.arange(x.shape[-1], dtype=x.dtype)[None, :]
+        envelope = 1 + torch.sin(2 * torch.pi * xx / 32 + 0.3) + 0.5 * torch.cos(2 * torch.pi * yy / 32)
+        return x + 0.1 * envelope * (1 - 2 * (xx % 2))
+
+
+def test_one_pixel_shifts_cancel_a_pattern_that_flips_leave():
+    x = torch.rand(2, 1, 64, 96)
+    net = WindowedGridPattern()
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # a tile's edge rows have no shifted twin
+    residual = {(count, shifts): (average_orientations(net, x, count, shifts=shifts) - x)[inner].abs().max().item()
+                for count in (1, 4) for shifts in (1, 2)}
+    assert residual[(1, 1)] > 0.2 and residual[(4, 1)] > 0.05  # flips alone leave it
+    assert residual[(1, 2)] < 0.02 and residual[(4, 2)] < 0.002
+    # What the network does not add survives the shift exactly (the replicated edge included).
+    identity = lambda t: t.clone()  # noqa: E731
+    for count in (1, 4, 8):
+        torch.testing.assert_close(average_orientations(identity, x, count, shifts=2), x, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"shifts must be one of \(1, 2\), got 3"):
+        average_orientations(net, x, 1, shifts=3)
+    with pytest.raises(ValidationError, match="shifts"):
+        InferenceSettings(shifts=4)
+
+
+def test_engine_shift_average_equals_shifting_the_image_by_hand(random_h2t):
+    """One whole tile: the engine's 2-shift average equals restoring the image and the image moved
+    by one pixel (replicated at the far edge) and averaging them, row and column 0 excepted."""
+    rng = np.random.default_rng(5)
+    image = rng.normal(100, 20, size=(64, 96)).astype(np.float32)
+    fixed = dict(tile=128, normalisation_scope="fixed", intensity_range=(0.0, 200.0))
+    single = _engine(random_h2t, **fixed)
+    moved = np.pad(image[1:, 1:], ((0, 1), (0, 1)), mode="edge")
+    by_hand = (single.deblur_plane(image)[1:, 1:] + single.deblur_plane(moved)[:-1, :-1]) / 2
+    two = _engine(random_h2t, shifts=2, **fixed).deblur_plane(image)
+    np.testing.assert_allclose(two[1:, 1:], by_hand, atol=1e-3)
+    assert np.abs(two - single.deblur_plane(image)).max() > 0.05  # the random net is not shift-equivariant
+
+
+def test_a_models_shift_default_is_used_logged_overridden_and_inherited(tmp_path, random_h2t, capsys):
+    from napari_mpt_deblur.evaluation.benchmark import ModelRestorer
+    from napari_mpt_deblur.models.record import read_record
+    from napari_mpt_deblur.training.finetune import FineTuner
+
+    model = save_model(random_h2t, tmp_path / "h2t-shift", trained=False, shifts=2)
+    assert (read_record(model).shifts, read_record(model).orientations) == (2, None)
+    src = tmp_path / "in.tif"
+    tifffile.imwrite(src, np.random.default_rng(6).integers(0, 4000, size=(64, 80), dtype=np.uint16))
+    runs = {}
+    for name, flags in {"default": [], "one": ["--shifts", "1"], "both": ["--orientations", "4", "--shifts", "2"]}.items():
+        out = tmp_path / f"{name}.tif"
+        assert main(["predict", str(src), str(out), "--model", str(model), "--quiet", *flags]) == 0
+        runs[name] = (read_image(out).run_record.settings, capsys.readouterr().err)
+    (default, default_log), (one, one_log), (both, both_log) = runs["default"], runs["one"], runs["both"]
+    assert (default.shifts, default.shifts_from, default.passes) == (2, "model", 2)
+    assert "2 pixel shifts averaged (the model's default; shifts 1 for one pass)" in default_log
+    assert (one.shifts, one.shifts_from) == (1, "settings") and "averaged" not in one_log
+    assert both.passes == 8 and "4 orientations x 2 pixel shifts averaged\n" in both_log
+    assert ModelRestorer(str(model), "cpu").engine.settings.shifts == 2
+    assert ModelRestorer(str(model), "cpu", shifts=1).engine.settings.shifts == 1
+
+    tuned = FineTuner(str(model), [np.random.default_rng(7).random((64, 64), dtype=np.float32)], steps=1, batch=1,
+                      patch=32, device="cpu")
+    tuned.run()
+    assert read_record(tuned.save(tmp_path / "tuned")).shifts == 2

@@ -49,8 +49,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                      "config.json and figures (benchmark.png, ap_vs_iou.png) into --out. Methods: input, rlN "
                      "(Richardson-Lucy, N iterations, true PSF; rl = rl30), wiener (true PSF, balance tuned per "
                      "defocus), wiener:BALANCE, mpt:MODEL, h2t:MODEL, model:MODEL; a model method ending in @1, @4 "
-                     "or @8 averages that many orientations per tile (mpt:mpt-small-fluo@1: one pass); without "
-                     "it, the model's default, as predict uses it."),
+                     "or @8 averages that many orientations per tile (mpt:mpt-small-fluo@1: one pass), and s1 or "
+                     "s2 after it that many one-pixel shifts (mpt:mpt-tiny-fluo@1s1: one pass); without them, "
+                     "the model's defaults, as predict uses them."),
     )
     p.add_argument("--sharp", type=Path, required=True, help="folder of sharp images (TIFF)")
     p.add_argument("--labels", type=Path, default=None,

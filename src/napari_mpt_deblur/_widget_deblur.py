@@ -88,8 +88,8 @@ def preload(model: str, torch_ready: threading.Event, tile_shape: tuple[int, int
         from .inference.compiled import warm_up
         from .inference.engine import Deblurrer, InferenceSettings
 
-        # One orientation: the flips share the tile's shape, so one pass warms up what they use.
-        engine = Deblurrer(model, InferenceSettings(orientations=1))
+        # One pass: the flips and shifts share the tile's shape, so one pass warms up what they use.
+        engine = Deblurrer(model, InferenceSettings(orientations=1, shifts=1))
         if clicked is None or not clicked.is_set():
             warm_up(engine, *tile_shape)
     except Exception:  # noqa: BLE001 - a preload must never raise into a thread
@@ -160,6 +160,9 @@ class DeblurWidget(Container):
         # would read as "nothing selected" to the combo box.
         self.orientations = ComboBox(label="orientations", value=0, choices=[
             ("model default", 0), ("1 (fastest)", 1), ("4 flips (4x time)", 4), ("8 (8x time)", 8)])
+        # Averaging one-pixel-shifted restorations removes a period-2 pattern flips leave (0 as above).
+        self.shifts = ComboBox(label="pixel shifts", value=0, choices=[
+            ("model default", 0), ("1 (fastest)", 1), ("2 (2x time)", 2)])
         # InferenceSettings.precision: bf16 is honoured on GPUs and on CPUs with AMX / AVX-512 BF16
         # (elsewhere the run warns and uses fp32); "auto" is exact fp32 on every CPU.
         self.precision = ComboBox(label="precision", value="auto", choices=[
@@ -172,7 +175,7 @@ class DeblurWidget(Container):
         self.status = Label(value="")
         self.extend([
             self.image, self.model, self.model_file, self.device, self.tile, self.overlap, self.axes,
-            self.output_dtype, self.orientations, self.precision, self.save_zarr, self.zarr_path, self.run_button,
+            self.output_dtype, self.orientations, self.shifts, self.precision, self.save_zarr, self.zarr_path, self.run_button,
             self.cancel_button, self.progress, self.status,
         ])
         status_line(self.status)
@@ -273,7 +276,8 @@ class DeblurWidget(Container):
         # before any worker starts; 0 and -1 in the SpinBoxes are "auto" (None).
         settings = InferenceSettings.for_model(
             *found, device=self.device.value, output_dtype=self.output_dtype.value,
-            orientations=self.orientations.value or None, precision=self.precision.value,
+            orientations=self.orientations.value or None, shifts=self.shifts.value or None,
+            precision=self.precision.value,
             tile=int(self.tile.value) if self.tile.value > 0 else None,
             overlap=int(self.overlap.value) if self.overlap.value >= 0 else None,
         )
@@ -342,9 +346,11 @@ class DeblurWidget(Container):
         )
         scale_rgb_thumbnail(self.last_layer)
         untrained = "" if meta["mpt_deblur"]["model"]["trained"] else " (UNTRAINED model)"
-        # Say when tiles were restored in several orientations: it explains a 4x slower run.
-        count = meta["mpt_deblur"]["settings"].get("orientations", 1)
-        averaged = f", {count} orientations averaged" if count > 1 else ""
+        # Say when tiles were restored in several orientations or shifts: it explains a slower run.
+        used = meta["mpt_deblur"]["settings"]
+        passes = [f"{n} {what}" for n, what in ((used.get("orientations", 1), "orientations"),
+                                                (used.get("shifts", 1), "pixel shifts")) if n > 1]
+        averaged = f", {' x '.join(passes)} averaged" if passes else ""
         self.status.value = f"done: {self.last_layer.name}{untrained}{averaged}"
 
     def _on_error(self, exc: BaseException) -> None:

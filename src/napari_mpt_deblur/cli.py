@@ -150,6 +150,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="restore every tile in 1, 4 (its flips) or 8 (flips and transposes) orientations and "
                         "average: removes a model's grid pattern and lowers the error, at 4x / 8x the time; "
                         "default: the model's own (4 for mpt-small-fluo, 1 for the others; docs/inference.md)")
+    p.add_argument("--shifts", type=int, choices=settings_choices("shifts"), default=None,
+                   help="with 2, also restore every orientation moved by one pixel and average: removes a "
+                        "period-2 pattern that flips do not, at 2x the time; default: the model's own "
+                        "(2 for mpt-tiny-fluo, 1 for the others; docs/inference.md)")
     p.set_defaults(handler=_run_predict)
 
 
@@ -172,7 +176,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         settings = InferenceSettings(tile=args.tile, overlap=args.overlap, batch_size=args.batch, device=args.device,
                                      precision=args.precision, output_dtype=args.dtype,
                                      normalisation_scope=args.normalisation, compile=args.compile,
-                                     orientations=args.orientations)
+                                     orientations=args.orientations, shifts=args.shifts)
     except ValidationError as exc:
         # Name the command-line flag, not the settings field behind it (issue 13: "--batch_size").
         flags = {"batch_size": "batch", "output_dtype": "dtype", "normalisation_scope": "normalisation"}
@@ -186,7 +190,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     trained = "" if engine.record.trained else " (UNTRAINED weights)"
     print(f"{args.input}: {layout.describe()} [{source.dtype}], axes {source.axes_from}", file=sys.stderr)
     print(f"model {engine.record.name}{trained} on {engine.device}, tile {tile} overlap {overlap} batch {batch}, "
-          f"precision {engine.settings.precision}{engine.settings.orientations_note}", file=sys.stderr)
+          f"precision {engine.settings.precision}{engine.settings.averaging_note}", file=sys.stderr)
 
     bar = None
     if not args.quiet:

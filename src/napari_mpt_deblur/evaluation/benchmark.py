@@ -309,7 +309,7 @@ def run_benchmark(
         def segmenter(img: np.ndarray) -> np.ndarray:
             return segment(img, sd_model)
 
-    models = {s.key: ModelRestorer(s.model, cfg.device, s.arch, cfg.tile, s.orientations) for s in specs if s.kind == "model"}
+    models = {s.key: ModelRestorer(s.model, cfg.device, s.arch, cfg.tile, s.orientations, s.shifts) for s in specs if s.kind == "model"}
     for key, m in models.items():
         log(f"{key}: {m.description} on {m.device}")
 

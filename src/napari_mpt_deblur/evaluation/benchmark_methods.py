@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..inference.settings import ORIENTATION_COUNTS
+from ..inference.settings import ORIENTATION_COUNTS, SHIFT_COUNTS
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -34,6 +34,8 @@ class MethodSpec:
     #: Orientations averaged per tile (``mpt:M@4``; :mod:`~napari_mpt_deblur.inference.orientations`);
     #: None (a plain ``mpt:M``): the model's own default, as ``mpt-deblur predict`` uses it.
     orientations: int | None = None
+    #: Pixel shifts averaged per orientation (``mpt:M@1s2``); None: the model's default.
+    shifts: int | None = None
 
 
 _MODEL_PREFIXES = {"mpt": "mpt", "h2t": "h2t_unet", "h2t_unet": "h2t_unet", "model": None}
@@ -65,17 +67,24 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec(t, "wiener", balance=b)
     prefix, sep, name = t.partition(":")
     if sep and prefix in _MODEL_PREFIXES and name:
-        orientations = None
+        orientations = shifts = None
         if m := re.fullmatch(r"(.+)@(\w+)", name):
-            name, count = m.groups()
-            if not count.isdigit() or int(count) not in ORIENTATION_COUNTS:
-                raise ValueError(f"method {t!r}: @{count} is not an orientation count; use @1 (one pass), "
-                                 "@4 (flips) or @8 (flips and transposes)")
-            orientations = int(count)
-        return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix], orientations=orientations)
+            name, passes = m.groups()
+            counts = re.fullmatch(r"(\d*)(?:s(\d+))?", passes)
+            if (counts is None or not any(counts.groups())
+                    or (counts[1] and int(counts[1]) not in ORIENTATION_COUNTS)
+                    or (counts[2] and int(counts[2]) not in SHIFT_COUNTS)):
+                raise ValueError(f"method {t!r}: @{passes} is not a pass count; use @1 (one pass), @4 (flips), "
+                                 "@8 (flips and transposes), optionally followed by s1 or s2 (pixel shifts), "
+                                 "or @s2 alone")
+            orientations = int(counts[1]) if counts[1] else None
+            shifts = int(counts[2]) if counts[2] else None
+        return MethodSpec(t, "model", model=name, arch=_MODEL_PREFIXES[prefix], orientations=orientations,
+                          shifts=shifts)
     raise ValueError(
         f"unknown method {t!r}: use input, rl, rlN (e.g. rl10), wiener, wiener:BALANCE, mpt:MODEL, h2t:MODEL or "
-        "model:MODEL (a model method may end in @1, @4 or @8: orientations averaged; without: the model's default)"
+        "model:MODEL (a model method may end in @1, @4 or @8: orientations averaged, then s1 or s2: pixel shifts, "
+        "e.g. @1s2; without: the model's default)"
     )
 
 
@@ -103,11 +112,11 @@ class ModelRestorer:
     """
 
     def __init__(self, name: str, device: str = "auto", arch: str | None = None, tile: int | None = None,
-                 orientations: int | None = None) -> None:
+                 orientations: int | None = None, shifts: int | None = None) -> None:
         from ..inference import Deblurrer, InferenceSettings
 
         self.engine = Deblurrer(name, InferenceSettings(device=device, tile=tile, output_dtype="float32",
-                                                        orientations=orientations))
+                                                        orientations=orientations, shifts=shifts))
         self.loaded = self.engine.loaded
         self.device = self.engine.device
         found = self.loaded.record.architecture.arch
@@ -120,7 +129,7 @@ class ModelRestorer:
         r = self.loaded.record
         tile, overlap, _ = self.engine.current_tile
         return (f"{r.name} ({r.architecture.arch}/{r.architecture.preset}{'' if r.trained else ', UNTRAINED'}; "
-                f"tile {tile}, overlap {overlap}{self.engine.settings.orientations_note})")
+                f"tile {tile}, overlap {overlap}{self.engine.settings.averaging_note})")
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         img = np.asarray(image, dtype=np.float32)

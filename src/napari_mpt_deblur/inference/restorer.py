@@ -122,7 +122,7 @@ class PlaneRestorer:
             )
         self.settings = resolve_settings(self.requested, self.device, arch.size_multiple,
                                          f"model {self.record.name!r} ({arch.arch}/{arch.preset})",
-                                         self.record.orientations)
+                                         self.record.orientations, self.record.shifts)
         #: The settings in use now: ``settings`` until an out-of-memory fallback (or the CUDA batch
         #: sizing) replaces it with a new resolved object; never mutated, so metadata states what ran.
         self.in_use: ResolvedSettings = self.settings
@@ -441,7 +441,7 @@ class PlaneRestorer:
             from .compiled import compiled_forward  # eager unless settings.compile / the device default
 
             y = average_orientations(lambda t: compiled_forward(self, t), x, self.settings.orientations,
-                                     self.settings.channels_last)
+                                     self.settings.channels_last, self.settings.shifts)
         if cuda:
             host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(y, non_blocking=True)

@@ -21,6 +21,10 @@ TileSide = Annotated[int, Field(ge=8, le=16384)]
 #: Orientations averaged per tile (:mod:`.orientations`): 1 (off), 4 flips, 8 with the transposes.
 OrientationCount = Literal[1, 4, 8]
 ORIENTATION_COUNTS: tuple[int, ...] = get_args(OrientationCount)
+#: Pixel phases averaged per orientation (:mod:`.orientations`): 1 (off) or 2 (the tile and its
+#: one-pixel diagonal shift).
+ShiftCount = Literal[1, 2]
+SHIFT_COUNTS: tuple[int, ...] = get_args(ShiftCount)
 
 
 class InferenceSettings(BaseModel):
@@ -45,6 +49,10 @@ class InferenceSettings(BaseModel):
       a model's grid-locked period-2 pattern and lowers the error, at 4x or 8x the time. ``None``
       (default): the model's own default, ``ModelRecord.orientations`` (4 for the shipped MPT,
       whose single pass shows a grid pattern; 1 for a model that names none).
+    * ``shifts``: 1 or 2: with 2 every orientation is also restored shifted by one pixel along
+      both axes and the two are averaged (:mod:`.orientations`). It cancels a period-2 pattern
+      locked to the model's stride-2 grid that flips do not (``mpt-tiny-fluo``), at 2x the time.
+      ``None`` (default): the model's own default, ``ModelRecord.shifts`` (1 when it names none).
     * ``normalisation_scope``: ``plane`` (default; each 2D plane scaled by its own percentiles),
       ``stack`` (one range for the whole array, from up to ~16 M sampled pixels) or ``fixed``
       (``intensity_range`` as given).
@@ -64,6 +72,7 @@ class InferenceSettings(BaseModel):
     plane_batch: int | None = Field(None, ge=1, le=1024)
     pipeline: bool | None = None
     orientations: OrientationCount | None = None
+    shifts: ShiftCount | None = None
     #: ``torch.compile`` the model for the tile shape (None: the device default, see
     #: :data:`.compiled.COMPILE_DEFAULTS`); falls back to eager with a warning when it fails.
     compile: bool | None = None
@@ -112,6 +121,9 @@ class ResolvedSettings(BaseModel):
     #: Where ``orientations`` came from: the request; the model's record (the request said None);
     #: or neither (1). Records written before this field: 1 was the default, more was asked for.
     orientations_from: Literal["settings", "model", "default"]
+    shifts: ShiftCount = 1
+    #: Where ``shifts`` came from, as ``orientations_from``.
+    shifts_from: Literal["settings", "model", "default"] = "default"
 
     @model_validator(mode="before")
     @classmethod
@@ -121,14 +133,28 @@ class ResolvedSettings(BaseModel):
         return data
 
     @property
-    def orientations_note(self) -> str:
-        """``", 4 orientations averaged"`` for a log line (saying so when it is the model's default,
-        so a user who wonders why a model is slower learns the remedy); empty for a single pass."""
-        if self.orientations == 1:
+    def passes(self) -> int:
+        """Forward passes per tile: orientations x shifts."""
+        return self.orientations * self.shifts
+
+    @property
+    def averaging_note(self) -> str:
+        """``", 4 orientations averaged"`` (and ``" x 2 pixel shifts"``) for a log line, saying so
+        when it is the model's default, so a user who wonders why a model is slower learns the
+        remedy; empty for a single pass."""
+        parts = []
+        if self.orientations > 1:
+            parts.append(f"{self.orientations} orientations")
+        if self.shifts > 1:
+            parts.append(f"{self.shifts} pixel shifts")
+        if not parts:
             return ""
-        if self.orientations_from == "model":
-            return f", {self.orientations} orientations averaged (the model's default; orientations 1 for one pass)"
-        return f", {self.orientations} orientations averaged"
+        note = f", {' x '.join(parts)} averaged"
+        from_model = [f"{name} 1" for name, source in (("orientations", self.orientations_from),
+                                                      ("shifts", self.shifts_from)) if source == "model"]
+        if from_model:
+            return note + f" (the model's default; {' and '.join(from_model)} for one pass)"
+        return note
 
 
 @dataclass(frozen=True)
@@ -167,9 +193,11 @@ def check_tile(tile: int | None, overlap: int | None, size_multiple: int, model_
 
 
 def resolve_settings(settings: InferenceSettings, device: Any, size_multiple: int,
-                     model_name: str = "the model", model_orientations: OrientationCount | None = None) -> ResolvedSettings:
+                     model_name: str = "the model", model_orientations: OrientationCount | None = None,
+                     model_shifts: ShiftCount | None = None) -> ResolvedSettings:
     """Fill in device defaults (``device``: a ``torch.device``) and the model's defaults
-    (``model_orientations``, from its record; None: 1) and check tile/overlap against the model;
+    (``model_orientations``, ``model_shifts``, from its record; None: 1) and check tile/overlap
+    against the model;
     errors say how to fix them."""
     from .devices import resolve_precision
 
@@ -190,4 +218,7 @@ def resolve_settings(settings: InferenceSettings, device: Any, size_multiple: in
         orientations=settings.orientations or model_orientations or 1,
         orientations_from=("settings" if settings.orientations is not None
                            else "model" if model_orientations is not None else "default"),
+        shifts=settings.shifts or model_shifts or 1,
+        shifts_from=("settings" if settings.shifts is not None
+                     else "model" if model_shifts is not None else "default"),
     )

@@ -149,15 +149,22 @@ def _training_summary(record) -> str:
     return "\n".join(lines)
 
 
-def _orientations_note(record) -> str:
-    """The README's word on a model whose record asks for orientation averaging: a bioimage.io
-    consumer runs the network once, so it gets the single pass and its grid pattern."""
-    if not record.orientations or record.orientations == 1:
-        return ""
-    return (f"- napari-mpt-deblur restores every tile of this model in {record.orientations} orientations "
-            "(its flips) and averages them, because one pass leaves a faint pattern locked to the pixel "
-            "grid (period 2 px). A bioimage.io consumer runs the network once: to match, run it on the "
-            "flipped inputs, flip the outputs back and average.\n")
+def _averaging_note(record) -> str:
+    """The README's word on a model whose record asks for orientation or pixel-shift averaging: a
+    bioimage.io consumer runs the network once, so it gets the single pass and its grid pattern."""
+    notes = []
+    if record.orientations and record.orientations > 1:
+        notes.append(f"- napari-mpt-deblur restores every tile of this model in {record.orientations} orientations "
+                     "(its flips) and averages them, because one pass leaves a faint pattern locked to the pixel "
+                     "grid (period 2 px). A bioimage.io consumer runs the network once: to match, run it on the "
+                     "flipped inputs, flip the outputs back and average.\n")
+    if record.shifts and record.shifts > 1:
+        notes.append("- napari-mpt-deblur restores every tile of this model twice, as given and moved by one pixel "
+                     "along both axes (first row and column dropped, the last ones repeated), moves the second "
+                     "result back and averages the two, because one pass leaves a faint period-2 pattern that "
+                     "changes sign with a one-pixel shift. A bioimage.io consumer runs the network once: to "
+                     "match, do the same.\n")
+    return "".join(notes)
 
 
 def _readme(record, halo: int, multiple: int, formats: list[str], side: int) -> str:
@@ -185,7 +192,7 @@ Exported from napari-mpt-deblur {record.package_version} by
   input's units back multiply by (p{norm.high} - p{norm.low}) of the input and add p{norm.low}
   (`mpt-deblur predict --model this_package.zip` does this for you).
 - Tiled prediction: halo {halo} px per side (overlap {2 * halo} px between tiles).
-{_orientations_note(record)}
+{_averaging_note(record)}
 ## Training data
 
 {_training_summary(record)}

@@ -19,12 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .._version import __version__
 from ..data.normalisation import NormalisationConfig
 from ..data.optics import Acquisition
-from ..inference.settings import OrientationCount
+from ..inference.settings import OrientationCount, ShiftCount
 from .config import ArchConfig
 
 #: Version of the record format; a newer record is refused with a message to upgrade.
 #: 2: ``orientations`` (older packages would reject the field with a bare validation error).
-FORMAT_VERSION = 2
+#: 3: ``shifts``.
+FORMAT_VERSION = 3
 
 
 class ModelFileError(ValueError):
@@ -55,6 +56,16 @@ class ModelRecord(BaseModel):
     #: grid-locked pattern: the shipped MPT (4; its Nyquist energy ratio on the demo image 7.29 in
     #: one pass, 1.31 with 4, the input's 1.07; docs/inference.md).
     orientations: OrientationCount | None = None
+    #: Pixel shifts the engine averages per orientation when the user does not choose
+    #: (``InferenceSettings.shifts=None``); None: one. 2 for ``mpt-tiny-fluo``, whose period-2
+    #: pattern flips do not cancel (Nyquist energy ratio on the demo image 7.2 in one pass, 1.8
+    #: with 2 shifts; docs/inference.md).
+    shifts: ShiftCount | None = None
+
+    def ensemble_defaults(self) -> dict[str, int | None]:
+        """The inference defaults a model derived from this one (fine-tune, calibration) inherits:
+        keyword arguments of :func:`~napari_mpt_deblur.models.registry.save_model`."""
+        return {"orientations": self.orientations, "shifts": self.shifts}
 
 
 def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -73,11 +73,13 @@ def save_model(
     dtype: Literal["float32", "float16", "bfloat16"] = "float32",
     optics: Acquisition | None = None,
     orientations: int | None = None,
+    shifts: int | None = None,
 ) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; return the JSON path.
 
-    ``orientations``: the model's inference default (``ModelRecord.orientations``); a model
-    derived from another (fine-tune, calibration) passes its base's on. A model from a training
+    ``orientations``, ``shifts``: the model's inference defaults (``ModelRecord.orientations``,
+    ``ModelRecord.shifts``); a model derived from another (fine-tune, calibration) passes its
+    base's on (``ModelRecord.ensemble_defaults``). A model from a training
     run (``train``, ``export``) names none until its own pattern has been measured
     (``benchmarks/bench_checkerboard.py``): new presets upsample by resize-convolution.
 
@@ -100,6 +102,7 @@ def save_model(
         training=training or {},
         optics=optics,
         orientations=orientations,
+        shifts=shifts,
     )
     write_bytes_atomic(weights_path, data)
     write_text_atomic(record_path, record.model_dump_json(indent=2) + "\n")

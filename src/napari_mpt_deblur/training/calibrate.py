@@ -239,7 +239,7 @@ class Calibrator(TrainerJob):
         loaded = load_model(s.model, "cpu")
         self.base_name, self.base_sha = loaded.record.name, loaded.record.weights_sha256
         self.normalisation = loaded.record.normalisation
-        self.orientations = loaded.record.orientations  # the base's inference default carries over
+        self.ensemble_defaults = loaded.record.ensemble_defaults()  # the base's inference defaults carry over
         net = loaded.model
         if getattr(net.config, "in_channels", 1) != 1:
             raise ValueError(f"calibration synthesises single-channel pairs; {self.base_name} takes "
@@ -376,7 +376,7 @@ class Calibrator(TrainerJob):
         return save_model(net, weights, name=Path(weights).stem,
                           description=description or f"{self.base_name} calibrated to {self.settings.optics.label()}{score}",
                           normalisation=self.normalisation, training=training, trained=True,
-                          optics=self.settings.optics, orientations=self.orientations)
+                          optics=self.settings.optics, **self.ensemble_defaults)
 
 
 def resolve_optics(given: dict[str, float | None], files: Sequence[str | os.PathLike] = ()

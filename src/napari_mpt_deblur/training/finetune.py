@@ -47,16 +47,17 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, NormalisationConfig, int | None]:
-    """(a copy of the network, its name, its normalisation, its inference orientations default)."""
+def _resolve_model(model: Any, device: str) -> tuple[nn.Module, str, NormalisationConfig, dict[str, int | None]]:
+    """(a copy of the network, its name, its normalisation, its inference ensemble defaults:
+    ``ModelRecord.ensemble_defaults``)."""
     from ..models.registry import LoadedModel, load_model
 
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, "cpu")
     if isinstance(model, LoadedModel):
-        return copy.deepcopy(model.model), model.record.name, model.record.normalisation, model.record.orientations
+        return copy.deepcopy(model.model), model.record.name, model.record.normalisation, model.record.ensemble_defaults()
     if isinstance(model, nn.Module):
-        return copy.deepcopy(model), getattr(model, "name", type(model).__name__), NormalisationConfig(), None
+        return copy.deepcopy(model), getattr(model, "name", type(model).__name__), NormalisationConfig(), {}
     raise TypeError(f"model must be a model name/path, a LoadedModel or an nn.Module, got {type(model).__name__}")
 
 
@@ -129,7 +130,7 @@ class FineTuner(TrainerJob):
         if not unlabeled_images:
             raise ValueError("fine-tuning needs at least one unlabeled image")
         _check_settings(steps=steps, lr=lr, batch=batch, patch=patch, beta=beta)
-        net, self.base_name, self.normalisation, self.orientations = _resolve_model(model, device)
+        net, self.base_name, self.normalisation, self.ensemble_defaults = _resolve_model(model, device)
         channels = getattr(getattr(net, "config", None), "in_channels", 1)
         if channels != 1 and paired is None and sharp_images is None:
             # The bundled sharp image is grey (and the colour sample's sharp original is a test image).
@@ -220,7 +221,7 @@ class FineTuner(TrainerJob):
         return save_model(self.model, weights, name=name or Path(weights).stem,
                           description=description or f"{self.base_name} fine-tuned with EFCRex for {self.trainer.step} steps",
                           normalisation=self.normalisation, training=training, trained=True,
-                          orientations=self.orientations)
+                          **self.ensemble_defaults)
 
 
 def finetune(
