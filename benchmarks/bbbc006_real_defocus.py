@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure-fields", default="h01_s2_w1,d02_s2_w1,l22_s2_w1")
     p.add_argument("--orientations", choices=["1", "4", "8", "model"], default="1",
                    help="orientations averaged per tile: 1 (default, one pass: the docs' table) or each model's default")
+    p.add_argument("--shifts", choices=["1", "2", "model"], default="model",
+                   help="one-pixel shifts averaged per orientation: each model's default (default: 2 for "
+                        "mpt-tiny-fluo, whose single pass has a period-2 pattern, 1 for the others), 1 or 2")
     args = p.parse_args(argv)
 
     from napari_mpt_deblur.evaluation.compare import rows_to_csv
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()
     models = [m for m in args.models.split(",") if m]
-    settings = InferenceSettings(orientations=None if args.orientations == "model" else int(args.orientations))
+    settings = InferenceSettings(orientations=None if args.orientations == "model" else int(args.orientations),
+                                 shifts=None if args.shifts == "model" else int(args.shifts))
     engines = {m: Deblurrer(m, settings) for m in models}
     stardist = load_stardist()
     args.out.mkdir(parents=True, exist_ok=True)
