@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="default fine-tune steps (0: skip the fine-tune)")
     p.add_argument("--orientations", choices=["1", "4", "8", "model"], default="1",
                    help="orientations averaged per tile: 1 (default: the network's own pattern) or the model's default")
+    p.add_argument("--shifts", choices=["1", "2", "model"], default="1",
+                   help="one-pixel shifts averaged per orientation: 1 (default: the network's own pattern) or the model's default")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--markdown", action="store_true")
@@ -44,7 +46,8 @@ def main() -> None:
     image = defocused_bbbc006()
     base = nyquist_energy_ratio(image)
     whole = InferenceSettings(device="cpu", tile=1024,
-                              orientations=None if args.orientations == "model" else int(args.orientations))
+                              orientations=None if args.orientations == "model" else int(args.orientations),
+                              shifts=None if args.shifts == "model" else int(args.shifts))
     rows = []
     for name in args.models:
         loaded = load_model(name)

@@ -32,7 +32,7 @@ from napari_mpt_deblur.data import samples
 from napari_mpt_deblur.inference.compiled import warm_up
 from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings
 plane = samples.defocused_bbbc006()
-base = dict(device=args["device"], orientations=1)  # one forward per tile: what compiling changes
+base = dict(device=args["device"], orientations=1, shifts=1)  # one forward per tile: what compiling changes
 if args["tile"]:
     base["tile"] = args["tile"]
 eager = Deblurrer(args["model"], InferenceSettings(**base, compile=False))

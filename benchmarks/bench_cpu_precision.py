@@ -38,7 +38,7 @@ from napari_mpt_deblur.data.splits import U2OS_TEST
 from napari_mpt_deblur.evaluation.benchmark import BenchmarkConfig, degrade, load_image
 from napari_mpt_deblur.evaluation.metrics import psnr
 from napari_mpt_deblur.inference.engine import Deblurrer, InferenceSettings
-base = dict(device="cpu", orientations=1, output_dtype="float32")
+base = dict(device="cpu", orientations=1, shifts=1, output_dtype="float32")
 engines = {p: Deblurrer(args["model"], InferenceSettings(**base, precision=p)) for p in ("fp32", "bf16")}
 plane = samples.defocused_bbbc006()
 for engine in engines.values():  # first-call costs (allocations, oneDNN kernel choice) out of the timing
