@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from napari_mpt_deblur.models import RECOMMENDED_MODEL
+
 pytestmark = pytest.mark.napari
 
 WIDGET = "Calibrate to my microscope"
@@ -58,7 +60,7 @@ def test_optics_prefilled_from_layer_scale_metadata_and_file(viewer, tmp_path):
     widget.optics_layer.value = stated
     assert (widget.na.value, widget.immersion.value, widget.wavelength_nm.value) == (pytest.approx(0.45), "air", 461)
     assert widget.sources["na"] == widget.sources["pixel_um"] == "metadata of layer 'stack'"
-    assert widget.model_name.value == "h2t-unet-fluo-cal-NA0.45-air-461nm-0.645um"
+    assert widget.model_name.value == f"{RECOMMENDED_MODEL}-cal-NA0.45-air-461nm-0.645um"
 
     # An OME-TIFF opened through napari: NA, immersion and emission from the file's OME-XML (the
     # builtin reader gives the layer no scale, so the pixel size comes from the file too).
@@ -77,7 +79,7 @@ def test_optics_prefilled_from_layer_scale_metadata_and_file(viewer, tmp_path):
     assert widget.pixel_um.value == pytest.approx(0.1075)
     assert widget.sources["immersion_index"] == "OME-TIFF metadata of oil.ome.tif (Objective Immersion Oil)"
     assert widget.optics().slug() == "NA1.4-oil-520nm-0.1075um"
-    assert widget.model_name.value == "h2t-unet-fluo-cal-NA1.4-oil-520nm-0.1075um"
+    assert widget.model_name.value == f"{RECOMMENDED_MODEL}-cal-NA1.4-oil-520nm-0.1075um"
 
     # The loss plot follows napari's theme.
     from napari.utils.theme import get_theme
@@ -195,8 +197,8 @@ def test_short_calibration_runs_saves_its_optics_and_is_listed_by_deblur(viewer,
     assert widget.save_button.enabled and widget.status.value.startswith(f"finished after {trainer.step} steps")
 
     optics = Acquisition(na=0.45, immersion_index=1.0, wavelength_um=0.461, pixel_um=0.645)
-    assert widget.model_name.value == calibrated_model_name("h2t-unet-fluo", optics)
-    assert widget.model_name.value == "h2t-unet-fluo-cal-NA0.45-air-461nm-0.645um"
+    assert widget.model_name.value == calibrated_model_name(RECOMMENDED_MODEL, optics)
+    assert widget.model_name.value == f"{RECOMMENDED_MODEL}-cal-NA0.45-air-461nm-0.645um"
     path = widget.save()
     assert path is not None, widget.status.value
     record = read_record(path)
@@ -206,8 +208,8 @@ def test_short_calibration_runs_saves_its_optics_and_is_listed_by_deblur(viewer,
     assert calibration["optics_sources"]["na"] == "given in the widget"
     assert calibration["optics_sources"]["immersion_index"] == "assumed: air (NA below 1, no immersion stated)"
     assert calibration["settings"]["time_budget_minutes"] == 0.15
-    assert "h2t-unet-fluo-cal-NA0.45-air-461nm-0.645um" in deblur.model.choices
-    assert "h2t-unet-fluo-cal-NA0.45-air-461nm-0.645um" in widget.model.choices
+    assert f"{RECOMMENDED_MODEL}-cal-NA0.45-air-461nm-0.645um" in deblur.model.choices
+    assert f"{RECOMMENDED_MODEL}-cal-NA0.45-air-461nm-0.645um" in widget.model.choices
     # Saving again under the same name never overwrites.
     assert widget.save() is None and "already exists" in widget.status.value
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from napari_mpt_deblur._widget_common import model_choices
+from napari_mpt_deblur.models import RECOMMENDED_MODEL
 from napari_mpt_deblur.models.config import preset_config
 from napari_mpt_deblur.models.registry import build_model, list_models, save_model
 
@@ -25,7 +26,7 @@ def test_model_choices_are_the_registry_names(tmp_path, monkeypatch):
         if name not in expected:
             expected.append(name)
     assert model_choices() == expected
-    assert "my-tiny" in expected and expected[0] == "h2t-unet-fluo"
+    assert "my-tiny" in expected and expected[0] == RECOMMENDED_MODEL
 
 
 def test_widget_choices_need_no_torch():
@@ -36,7 +37,7 @@ def test_widget_choices_need_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     devices, models, torch_imported = json.loads(out.stdout.strip().splitlines()[-1])
     assert devices == ["auto", "cpu"]
-    assert models[0] == "h2t-unet-fluo"
+    assert models[0] == RECOMMENDED_MODEL
     assert torch_imported is False
 
 
