@@ -2,7 +2,9 @@
 
 For each real defocused image (plane z_00, ~32 um from focus; 16 fields, 520 x 696) and each
 model: no-reference sharpness (normalised Laplacian variance, Brenner, Vollath F4; larger is
-sharper) and the number of StarDist nuclei, before and after. The 6 in-focus BBBC006 fields
+sharper), the number of StarDist nuclei, and how many of them are fragments (under a quarter of the
+in-focus fields' median nucleus area: StarDist cutting a clump into pieces), before and after. The
+6 in-focus BBBC006 fields
 (other fields of the same plates, so not pixel-aligned) give the typical in-focus values.
 
 There is no ground truth here, so these numbers say "sharper" and "more nuclei found", not
@@ -60,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     stardist = load_stardist()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    rows, keep = [], {}
+    rows, keep, areas = [], {}, {}
     figure_fields = set(args.figure_fields.split(","))
     for f in sorted(args.in_focus.glob("*.tif")):
         img = read_array(f)
+        labels = segment(img, stardist)
+        areas[(f.stem, "in focus (other fields)")] = _object_areas(labels)
         rows.append({"image": f.stem, "set": "in_focus", "method": "in focus (other fields)",
-                     "nuclei": count_objects(segment(img, stardist)), **sharpness(img)})
+                     "nuclei": count_objects(labels), **sharpness(img)})
     for f in sorted(args.defocused.glob("*.tif")):
         img = read_array(f)
         outputs = {"input": img.astype(np.float32)}
@@ -73,23 +77,31 @@ def main(argv: list[str] | None = None) -> int:
             outputs[name] = np.asarray(engine.deblur_array(img, "YX"), dtype=np.float32)
         for method, arr in outputs.items():
             labels = segment(arr, stardist)
+            areas[(f.stem, method)] = _object_areas(labels)
             rows.append({"image": f.stem, "set": "z00", "method": method,
                          "nuclei": count_objects(labels), **sharpness(arr)})
             if f.stem in figure_fields:
                 keep[(f.stem, method)] = (arr, labels)
         print(f"{f.stem}: " + ", ".join(f"{r['method']} {r['nuclei']} nuclei nvl {r['nvl']:.3g}"
                                         for r in rows if r["image"] == f.stem), file=sys.stderr)
+    # A "fragment" is an object under a quarter of the typical in-focus nucleus: StarDist cutting
+    # a clump into pieces shows here, while the plain count rises.
+    in_focus_areas = np.concatenate([a for (_, m), a in areas.items() if m == "in focus (other fields)"])
+    small_px = 0.25 * float(np.median(in_focus_areas))
+    for r in rows:
+        r["fragments"] = int(np.count_nonzero(areas[(r["image"], r["method"])] < small_px))
     rows_to_csv(args.out / "rows.csv", rows)
 
     methods = ["in focus (other fields)", "input", *models]
-    print(f"| method | images | nuclei / image | NVL | Brenner | Vollath F4 | fields with more nuclei than input |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"fragments: objects under {small_px:.0f} px, a quarter of the in-focus fields' median nucleus area", file=sys.stderr)
+    print("| method | images | nuclei / image | fragments / image | NVL | Brenner | Vollath F4 | fields with more nuclei than input |")
+    print("|---|---|---|---|---|---|---|---|")
     by_image_input = {r["image"]: r["nuclei"] for r in rows if r["method"] == "input"}
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
         more = "–" if m in ("input", "in focus (other fields)") else \
             f"{sum(r['nuclei'] > by_image_input[r['image']] for r in sel)} / {len(sel)}"
-        print(f"| {m} | {len(sel)} | {np.mean([r['nuclei'] for r in sel]):.1f} | "
+        print(f"| {m} | {len(sel)} | {np.mean([r['nuclei'] for r in sel]):.1f} | {np.mean([r['fragments'] for r in sel]):.1f} | "
               f"{np.mean([r['nvl'] for r in sel]):.4g} | {np.mean([r['brenner'] for r in sel]):.4g} | "
               f"{np.mean([r['vollath_f4'] for r in sel]):.4g} | {more} |")
 
@@ -97,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         _figure(keep, ["input", *models], sorted(figure_fields & {k[0] for k in keep}), rows, args.figure)
         print(f"\nfigure: {args.figure}", file=sys.stderr)
     return 0
+
+
+def _object_areas(labels: np.ndarray) -> np.ndarray:
+    """Pixel area of each object of a 2-D label image (background 0), shape (n_objects,)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).ravel())
+    return counts[1:][counts[1:] > 0]
 
 
 def _figure(keep, methods, fields, rows, path: Path) -> None:

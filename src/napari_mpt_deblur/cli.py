@@ -112,7 +112,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
-    p.add_argument("--model", default=None, help="model name or path (default: the shipped MPT)")
+    from .models import RECOMMENDED_MODEL
+
+    p.add_argument("--model", default=None, help=f"model name or path (default: the recommended shipped model, "
+                                                  f"{RECOMMENDED_MODEL})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-stardist", action="store_true", help="skip the StarDist before/after step")
     p.set_defaults(handler=_run_demo)
