@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 
 
+#: The method name of the in-focus reference rows.
+IN_FOCUS = "in focus (other fields)"
+
+
 def _shared() -> Path:
     return Path(os.environ.get("MPT_DEBLUR_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -62,14 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     stardist = load_stardist()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    rows, keep, areas = [], {}, {}
+    rows, keep, in_focus_areas = [], {}, []
     figure_fields = set(args.figure_fields.split(","))
     for f in sorted(args.in_focus.glob("*.tif")):
         img = read_array(f)
         labels = segment(img, stardist)
-        areas[(f.stem, "in focus (other fields)")] = _object_areas(labels)
-        rows.append({"image": f.stem, "set": "in_focus", "method": "in focus (other fields)",
-                     "nuclei": count_objects(labels), **sharpness(img)})
+        in_focus_areas.append(_object_areas(labels))
+        rows.append({"image": f.stem, "set": "in_focus", "method": IN_FOCUS, "nuclei": count_objects(labels),
+                     "areas": in_focus_areas[-1], **sharpness(img)})
+    # A "fragment" is an object under a quarter of the typical in-focus nucleus: StarDist cutting
+    # a clump into pieces shows here, while the plain count rises.
+    small_px = 0.25 * float(np.median(np.concatenate(in_focus_areas)))
     for f in sorted(args.defocused.glob("*.tif")):
         img = read_array(f)
         outputs = {"input": img.astype(np.float32)}
@@ -77,29 +84,24 @@ def main(argv: list[str] | None = None) -> int:
             outputs[name] = np.asarray(engine.deblur_array(img, "YX"), dtype=np.float32)
         for method, arr in outputs.items():
             labels = segment(arr, stardist)
-            areas[(f.stem, method)] = _object_areas(labels)
-            rows.append({"image": f.stem, "set": "z00", "method": method,
-                         "nuclei": count_objects(labels), **sharpness(arr)})
+            rows.append({"image": f.stem, "set": "z00", "method": method, "nuclei": count_objects(labels),
+                         "areas": _object_areas(labels), **sharpness(arr)})
             if f.stem in figure_fields:
                 keep[(f.stem, method)] = (arr, labels)
         print(f"{f.stem}: " + ", ".join(f"{r['method']} {r['nuclei']} nuclei nvl {r['nvl']:.3g}"
                                         for r in rows if r["image"] == f.stem), file=sys.stderr)
-    # A "fragment" is an object under a quarter of the typical in-focus nucleus: StarDist cutting
-    # a clump into pieces shows here, while the plain count rises.
-    in_focus_areas = np.concatenate([a for (_, m), a in areas.items() if m == "in focus (other fields)"])
-    small_px = 0.25 * float(np.median(in_focus_areas))
     for r in rows:
-        r["fragments"] = int(np.count_nonzero(areas[(r["image"], r["method"])] < small_px))
+        r["fragments"] = int(np.count_nonzero(r.pop("areas") < small_px))
     rows_to_csv(args.out / "rows.csv", rows)
 
-    methods = ["in focus (other fields)", "input", *models]
+    methods = [IN_FOCUS, "input", *models]
     print(f"fragments: objects under {small_px:.0f} px, a quarter of the in-focus fields' median nucleus area", file=sys.stderr)
     print("| method | images | nuclei / image | fragments / image | NVL | Brenner | Vollath F4 | fields with more nuclei than input |")
     print("|---|---|---|---|---|---|---|---|")
     by_image_input = {r["image"]: r["nuclei"] for r in rows if r["method"] == "input"}
     for m in methods:
         sel = [r for r in rows if r["method"] == m]
-        more = "–" if m in ("input", "in focus (other fields)") else \
+        more = "–" if m in ("input", IN_FOCUS) else \
             f"{sum(r['nuclei'] > by_image_input[r['image']] for r in sel)} / {len(sel)}"
         print(f"| {m} | {len(sel)} | {np.mean([r['nuclei'] for r in sel]):.1f} | {np.mean([r['fragments'] for r in sel]):.1f} | "
               f"{np.mean([r['nvl'] for r in sel]):.4g} | {np.mean([r['brenner'] for r in sel]):.4g} | "
