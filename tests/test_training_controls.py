@@ -118,6 +118,9 @@ def test_time_budget_stops_in_time_validates_and_exports_the_best(sharp_dir, tmp
     exported = load_model(result.model_path)
     best = json.loads((tmp_path / "budget/checkpoints/best.json").read_text())
     assert exported.record.training["exported_from"] == {"checkpoint": "best", "step": best["step"]}
+    # The best checkpoint's record names itself as the best (it used to carry the previous best).
+    assert exported.record.training["best"]["step"] == best["step"]
+    assert exported.record.training["best"]["psnr"] == pytest.approx(best["psnr"])
     assert exported.record.training["time_budget_minutes"] == budget_min
     assert trainer.budget_used <= budget_min * 60
 

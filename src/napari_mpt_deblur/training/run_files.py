@@ -115,6 +115,11 @@ class RunFiles:
     def save_checkpoint(self, validation: dict[str, float] | None) -> str | None:
         if not self.write_files:
             return None
+        # The best is updated before the record is built, so a checkpoint that is a new best says so
+        # in its own record (the exported model's ``training.best`` is then its own validation).
+        is_best = validation is not None and self._is_best(validation)
+        if is_best:
+            self.best = {"step": self.step, **validation}
         record = {
             "name": f"{self.config.name}_step{self.step}",
             "description": f"checkpoint of training run {self.config.name} at step {self.step}",
@@ -131,10 +136,6 @@ class RunFiles:
             "planned_steps": self.planned_steps,
             "budget_used_seconds": self.budget_used,
         }
-        is_best = validation is not None and self._is_best(validation)
-        if is_best:
-            self.best = {"step": self.step, **validation}
-            state["best"] = self.best
         folder = C.write_checkpoint(self.ckpt_dir, self.step, self.net, self.optimizer, state, record)
         if is_best:
             C.point(self.ckpt_dir, "best", folder, self.step, {"psnr": validation["psnr"], "ssim": validation["ssim"]})
