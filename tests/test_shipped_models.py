@@ -13,7 +13,8 @@ from napari_mpt_deblur.demo import DEFAULT_DEMO_MODEL
 from napari_mpt_deblur.evaluation.metrics import psnr, ssim
 from napari_mpt_deblur.models.registry import SHIPPED_DIR, list_models, load_model
 
-SHIPPED = {"mpt-small-fluo": ("mpt", "small"), "mpt-tiny-fluo": ("mpt", "tiny"), "h2t-unet-fluo": ("h2t_unet", "paper")}
+SHIPPED = {"mpt-small-fluo": ("mpt", "small"), "mpt-tiny-fluo": ("mpt", "tiny"), "mpt-tiny-fluo-wide": ("mpt", "tiny"),
+           "h2t-unet-fluo": ("h2t_unet", "paper")}
 
 
 def test_shipped_model_files_are_small_fp16_and_say_how_they_were_trained():

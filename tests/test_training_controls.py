@@ -107,11 +107,15 @@ def test_time_budget_stops_in_time_validates_and_exports_the_best(sharp_dir, tmp
     stack = np.stack([in_focus_bbbc006()[:128, :128]] * 2).astype(np.float32)
     stack[1] = stack[1] * 0.5 + 100
     tifffile.imwrite(tmp_path / "z.tif", stack)
-    t0 = time.perf_counter()
     trainer = Trainer(parse_config(cfg))
+    t0 = time.perf_counter()
     result = trainer.run()
     elapsed = time.perf_counter() - t0
-    assert elapsed < budget_min * 60 + 3, elapsed  # the run ends inside the budget (3 s for exporting)
+    # Without the budget the run would take hours (100,000 steps). The margin covers the final
+    # validation and export, which come after the budget clock stops, on a loaded CI machine (a 3 s
+    # margin measured with the setup included failed once under load); the exact accounting is the
+    # budget_used assertion below.
+    assert elapsed < budget_min * 60 + 30, elapsed
     assert trainer.planned_steps is not None and result.steps_done <= trainer.planned_steps
     val_steps = [int(r.split(",")[0]) for r in (tmp_path / "budget/val.csv").read_text().splitlines()[1:]]
     assert val_steps[-1] == result.steps_done  # validated at its last step
