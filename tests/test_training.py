@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -136,7 +137,7 @@ def test_resume_reads_a_checkpoint_written_before_new_loss_settings_existed(shar
 
 def test_stop_keeps_weights_and_generator_reports_losses(sharp_dir, tmp_path):
     cfg = _config(sharp_dir, tmp_path / "run", steps=50)
-    cfg["validation"] = {"data": {"kind": "synthetic", "sharp": str(sharp_dir), "max_images": 1, "defocus_um": [6.0]},
+    cfg["validation"] = {"data": {"kind": "synthetic", "sharp": str(sharp_dir), "max_images": 2, "defocus_um": [6.0, 2.0]},
                          "every": 2, "crop": 64}
     trainer = Trainer(parse_config(cfg))
     initial = _state(trainer)
@@ -151,6 +152,15 @@ def test_stop_keeps_weights_and_generator_reports_losses(sharp_dir, tmp_path):
     assert loaded.record.training["steps"] == 2 and loaded.record.training["total_steps"] == 50
     best = json.loads((tmp_path / "run/checkpoints/best.json").read_text())
     assert best["step"] == 2 and "psnr" in best
+    # The validation split by defocus, in the order given: each row averages its two images, and
+    # the two rows average to the overall figure of val.csv (equal group sizes).
+    val = seen[1].validation
+    rows = list(csv.DictReader((tmp_path / "run/val_by_defocus.csv").open()))
+    assert [(r["step"], float(r["defocus_um"]), r["pairs"]) for r in rows] == [("2", 6.0, "2"), ("2", 2.0, "2")]
+    assert float(rows[0]["psnr"]) == pytest.approx(np.mean(val["psnr_pairs"][0::2]))
+    assert float(rows[1]["input_psnr"]) == pytest.approx(np.mean(val["input_psnr_pairs"][1::2]))
+    assert float(rows[1]["input_psnr"]) > float(rows[0]["input_psnr"])  # 2 um blurs less than 6 um
+    assert np.mean([float(r["psnr"]) for r in rows]) == pytest.approx(val["psnr"])
 
 
 def test_export_writes_the_checkpoint_as_a_model_with_provenance(sharp_dir, tmp_path):

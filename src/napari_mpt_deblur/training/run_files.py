@@ -1,5 +1,5 @@
 """What a training run writes to its folder: the step and validation logs (``log.csv``,
-``log.jsonl``, ``val.csv``), checkpoints with exact resume, the training record, the final model.
+``log.jsonl``, ``val.csv``, ``val_by_defocus.csv``), checkpoints with exact resume, the training record, the final model.
 
 :class:`RunFiles` is a mixin of :class:`napari_mpt_deblur.training.trainer.Trainer`: its methods
 read the trainer's state (step, network, optimiser, scaler, config, ``out_dir``, ``ckpt_dir``).
@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # annotation only: the trainer imports this module
 
 LOG_COLUMNS = ("step", "lr", "loss", "pixel", "cr", "l_pos", "l_neg", "l_ext", "nyquist", "grad_norm", "seconds", "patches_per_s")
 VAL_COLUMNS = ("step", "psnr", "ssim", "input_psnr", "input_ssim", "seconds")
+#: ``val_by_defocus.csv``: the same validation split by defocus (synthetic validation only).
+VAL_DEFOCUS_COLUMNS = ("step", "defocus_um", "pairs", "psnr", "input_psnr")
+LOG_FILES = {"log.csv": LOG_COLUMNS, "val.csv": VAL_COLUMNS, "val_by_defocus.csv": VAL_DEFOCUS_COLUMNS}
 
 
 def _with_defaults(key: str, value: Any) -> Any:
@@ -77,12 +80,11 @@ class RunFiles:
 
     def _truncate_logs(self, step: int) -> None:
         """After a resume, drop log rows of steps that the checkpoint does not contain."""
-        for name in ("log.csv", "val.csv"):
+        for name, cols in LOG_FILES.items():
             path = self.out_dir / name
             if path.exists():
                 rows = list(csv.DictReader(path.open(encoding="utf-8")))
                 buf = io.StringIO()
-                cols = LOG_COLUMNS if name == "log.csv" else VAL_COLUMNS
                 w = csv.DictWriter(buf, fieldnames=list(cols), extrasaction="ignore")
                 w.writeheader()
                 w.writerows(r for r in rows if int(float(r["step"])) <= step)

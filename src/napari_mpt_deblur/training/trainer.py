@@ -52,10 +52,11 @@ from .network import (  # noqa: F401
     evaluate_pairs,
     freeze_all_but,
     lr_at,
+    psnr_by_defocus,
     significant_gain,
 )
 from .parallel import DistInfo, _StepBatches, dist_from_env, init_distributed, resolve_workers  # noqa: F401
-from .run_files import LOG_COLUMNS, VAL_COLUMNS, RunFiles  # noqa: F401
+from .run_files import LOG_COLUMNS, VAL_COLUMNS, VAL_DEFOCUS_COLUMNS, RunFiles  # noqa: F401
 
 #: Time-budgeted runs measure this many steps before laying the schedule over the budget.
 CALIBRATION_STEPS = 5
@@ -428,6 +429,8 @@ class Trainer(RunFiles):
         self.last_validation = metrics
         if self.write_files:
             self._append_csv("val.csv", VAL_COLUMNS, metrics)
+            for row in psnr_by_defocus(self.val_pairs, metrics):
+                self._append_csv("val_by_defocus.csv", VAL_DEFOCUS_COLUMNS, {"step": self.step, **row})
         self._barrier()
         return metrics
 
