@@ -14,7 +14,7 @@ from napari_mpt_deblur.cli import main
 from napari_mpt_deblur.data.optics import Acquisition, parse_immersion
 from napari_mpt_deblur.data.samples import in_focus_bbbc006
 from napari_mpt_deblur.losses.efcr import WARM_START_NYQUIST_WEIGHT
-from napari_mpt_deblur.models.registry import ModelNameError, read_record
+from napari_mpt_deblur.models.registry import ModelNameError, read_record, resolve_model_path
 from napari_mpt_deblur.training import calibrate as cal
 from napari_mpt_deblur.training.network import gain_standard_errors, significant_gain
 
@@ -59,6 +59,24 @@ def test_acquisition_ranges_and_draws_match_the_microscope():
     assert oil.slug() == "NA1.4-oil-520nm-0.108um"
     with pytest.raises(ValueError, match="an oil objective needs immersion 1.518"):
         Acquisition(na=1.4, wavelength_um=0.52, pixel_um=0.108)
+
+
+def test_the_default_range_follows_a_start_model_trained_on_far_defocus():
+    """Calibrating mpt-tiny-fluo-wide (trained on blur radii to 26 px) to the default range of
+    12 px would quietly un-train its far-defocus skill: the range widens to the model's own."""
+    wide, tiny = (read_record(resolve_model_path(name)) for name in ("mpt-tiny-fluo-wide", "mpt-tiny-fluo"))
+    assert (wide.trained_blur_radius_px(), tiny.trained_blur_radius_px()) == (26.0, 12.0)
+    base = cal.CalibrationSettings(model="mpt-tiny-fluo-wide", optics=SPEC_OPTICS)
+    widened = base.for_start_model(wide)
+    assert widened.max_blur_radius_px == 26.0
+    low, high = widened.training_defocus_um()
+    assert low == pytest.approx(1.138, abs=1e-3) and SPEC_OPTICS.blur_radius_px(high) == pytest.approx(26.0, abs=1e-2)
+    assert max(widened.validation_defocus_um()) > 15.36  # validated where the model was trained too
+    assert base.for_start_model(tiny) is base  # 12 px: the default range already covers it
+    given = cal.CalibrationSettings(model="mpt-tiny-fluo-wide", optics=SPEC_OPTICS, defocus_um=(1.0, 8.0))
+    assert given.for_start_model(wide).training_defocus_um() == (1.0, 8.0)  # the user's range wins
+    assert cal.CalibrationSettings(model="x", optics=SPEC_OPTICS, max_blur_radius_px=6.0).for_start_model(wide) \
+        .max_blur_radius_px == 6.0
 
 
 def test_optics_from_arguments_metadata_and_defaults(tmp_path):

@@ -211,15 +211,16 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     print(f"optics: {optics.label()}")
     for key, flag in OPTICS_FLAGS.items():
         print(f"  {flag[2:]:<10} {getattr(optics, key):g}  ({sources[key]})")
-    low, high = settings.training_defocus_um()
-    print(f"defocus: {low:g} to {high:g} um, both signs (blur radius {optics.blur_radius_px(low):.1f} to "
-          f"{optics.blur_radius_px(high):.1f} px); validation at {settings.validation_defocus_um()} um")
     names = None if args.names is None else names_arg(args.names)
     sharp = cal.read_sharp(args.sharp, names) if args.sharp else None
     unlabeled = cal.read_unlabeled(args.unlabeled)
     tune_cpu_allocator()
     work = args.work_dir or cache_dir("calibrate") / Path(str(out)).name
     calibrator = cal.Calibrator(settings, sharp, unlabeled, work_dir=work, resume=args.resume, optics_sources=sources)
+    resolved = calibrator.settings  # the default range follows the starting model's training range
+    low, high = resolved.training_defocus_um()
+    print(f"defocus: {low:g} to {high:g} um, both signs (blur radius {optics.blur_radius_px(low):.1f} to "
+          f"{optics.blur_radius_px(high):.1f} px); validation at {resolved.validation_defocus_um()} um")
     for note in calibrator.sharp_notes:
         print(f"  {note}")
     print(f"sharp images: {len(calibrator.train_names)} for training, {len(calibrator.val_names)} held back; "

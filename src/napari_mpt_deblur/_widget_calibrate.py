@@ -341,9 +341,7 @@ class CalibrateWidget(Container):
         self.saved_path = None
         self._plot.clear()
         self.psnr.value = "validation PSNR: -"
-        low, high = settings.training_defocus_um()
-        self.status.value = (f"preparing: {settings.optics.label()}, defocus {low:g}-{high:g} um; "
-                             f"validating the starting model {settings.model}...")
+        self.status.value = f"preparing: {settings.optics.label()}; validating the starting model {settings.model}..."
         return start_training_worker(self, run_calibration, settings, sharp, unlabeled, self.work_dir, sources,
                                      self._stop_event, on_yielded=self._on_yielded)
 
@@ -370,8 +368,10 @@ class CalibrateWidget(Container):
             self.psnr.value = (f"validation PSNR: start {start['psnr']:.2f} dB "
                                f"(blurred input {start['input_psnr']:.2f} dB)")
         if not self._stop_event.is_set():  # else "stopping..." stays up
-            self.status.value = (f"calibrating {calibrator.base_name}: {len(calibrator.train_names)} sharp images, "
-                                 f"{len(calibrator.val_names)} held back for validation; timing the first steps...")
+            low, high = calibrator.settings.training_defocus_um()
+            self.status.value = (f"calibrating {calibrator.base_name} for defocus {low:g}-{high:g} um: "
+                                 f"{len(calibrator.train_names)} sharp images, {len(calibrator.val_names)} held back "
+                                 "for validation; timing the first steps...")
 
     def _on_step(self, record) -> None:
         self.losses.append(float(record.losses["loss"]))

@@ -67,6 +67,19 @@ class ModelRecord(BaseModel):
         keyword arguments of :func:`~napari_mpt_deblur.models.registry.save_model`."""
         return {"orientations": self.orientations, "shifts": self.shifts}
 
+    def trained_blur_radius_px(self) -> float | None:
+        """The largest geometric blur radius (px) that the synthetic training data of this model
+        drew (its training config's ``defocus.blur_radius_px``), e.g. 12 for the generalists and 26
+        for ``mpt-tiny-fluo-wide``; None where the record does not say (no config, in-memory data,
+        or ranges given in micrometres)."""
+        config = self.training.get("config") if isinstance(self.training, dict) else None
+        radii = []
+        for source in (config or {}).get("data") or []:
+            defocus = source.get("defocus") if isinstance(source, dict) else None
+            if source.get("kind") == "synthetic" and defocus and defocus.get("blur_radius_px") and not defocus.get("defocus_um"):
+                radii.append(float(defocus["blur_radius_px"][1]))
+        return max(radii) if radii else None
+
 
 def model_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(weights, record) paths for a model given by its ``.safetensors``, ``.json`` or stem."""

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import datasets as D
-from ..data.optics import OPTICS_FLAGS, Acquisition
+from ..data.optics import MAX_BLUR_RADIUS_PX, OPTICS_FLAGS, Acquisition
 from ..inference.settings import Precision
 from ..losses.efcr import WARM_START_NYQUIST_WEIGHT, EFCRConfig
 from .config import ArraysSource, ArraysValidation, ModelChoice, OptimConfig, TrainConfig, ValidationConfig
@@ -61,8 +61,13 @@ class CalibrationSettings(BaseModel):
     model: str = Field(description="starting model: a name (see `mpt-deblur info`) or a model file path")
     optics: Acquisition
     #: Defocus magnitudes to train on, um (both signs are drawn); None = what the optics make
-    #: visible (``Acquisition.visible_defocus_um``).
+    #: visible (``Acquisition.visible_defocus_um``) up to a blur radius of ``max_blur_radius_px``.
     defocus_um: tuple[float, float] | None = None
+    #: Largest blur radius (px) of the default range. None: 12 px (``data.optics.MAX_BLUR_RADIUS_PX``),
+    #: or the starting model's own training range where that is wider (``Calibrator`` resolves it
+    #: from the model's record), so calibrating a model trained on far defocus does not quietly
+    #: un-train it (``mpt-tiny-fluo-wide``: 26 px).
+    max_blur_radius_px: float | None = Field(None, gt=0)
     peak_photons: tuple[float, float] = (200.0, 5000.0)
     read_sigma_photons: tuple[float, float] = (1.0, 5.0)
     time_budget_minutes: float = Field(15.0, gt=0, le=7 * 24 * 60)
@@ -103,7 +108,19 @@ class CalibrationSettings(BaseModel):
         return value
 
     def training_defocus_um(self) -> tuple[float, float]:
-        return self.defocus_um or self.optics.visible_defocus_um()
+        if self.defocus_um is not None:
+            return self.defocus_um
+        if self.max_blur_radius_px is None:
+            return self.optics.visible_defocus_um()
+        return self.optics.visible_defocus_um(self.max_blur_radius_px)
+
+    def for_start_model(self, record: Any) -> CalibrationSettings:
+        """These settings with the default range widened to ``record``'s training range where that
+        is wider than 12 px and neither the range nor its radius was given."""
+        trained = record.trained_blur_radius_px()
+        if self.defocus_um is not None or self.max_blur_radius_px is not None or trained is None:
+            return self
+        return self.model_copy(update={"max_blur_radius_px": trained}) if trained > MAX_BLUR_RADIUS_PX else self
 
     def validation_defocus_um(self) -> list[float]:
         """Four defocus values spread over the range (at 1/8, 3/8, 5/8, 7/8 of it), um."""
@@ -234,9 +251,9 @@ class Calibrator(TrainerJob):
         from ..data.datasets import PatchConfig
         from ..models.registry import load_model
 
-        self.settings = s = settings
         self.optics_sources = dict(optics_sources or {})
-        loaded = load_model(s.model, "cpu")
+        loaded = load_model(settings.model, "cpu")
+        self.settings = s = settings.for_start_model(loaded.record)
         self.base_name, self.base_sha = loaded.record.name, loaded.record.weights_sha256
         self.normalisation = loaded.record.normalisation
         self.ensemble_defaults = loaded.record.ensemble_defaults()  # the base's inference defaults carry over
