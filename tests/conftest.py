@@ -116,3 +116,16 @@ def micro_model_path(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("models") / "micro"
     save_model(build_model(MPTConfig(**MICRO_MPT)), path, name="micro", trained=False)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_preload_outlives_its_test():
+    """A Deblur widget's background preload (torch import, model load, one warm-up tile: seconds
+    for the default MPT) ends inside the test that started it, before the test's viewer and Qt
+    objects are torn down."""
+    yield
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "mpt-deblur-preload":
+            thread.join(timeout=300)

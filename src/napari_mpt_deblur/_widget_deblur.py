@@ -227,8 +227,12 @@ class DeblurWidget(Container):
         shape = tuple(layer_data(layer).shape[-2:]) if layer is not None and not layer.rgb else (512, 512)
         # Not a daemon: a process exiting mid-forward would abort in torch's C++ teardown, so
         # exit waits for the (one-tile) preload instead.
+        # The thread holds the relay itself (not only its bound signal): a widget closed and
+        # collected before a slow warm-up ends (seconds for the default MPT) must not take the
+        # relay's Qt object with it, or the thread's emit touches freed memory (a segfault seen in CI).
+        relay = self._preload_relay
         self.preload_thread = threading.Thread(
-            target=preload, args=(name, self._torch_ready, shape, self._preload_relay.done.emit, self._clicked),
+            target=preload, args=(name, self._torch_ready, shape, lambda: relay.done.emit(), self._clicked),
             name="mpt-deblur-preload", daemon=False)
         self.preload_thread.start()
 
