@@ -4,12 +4,27 @@ held-back crops become)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from .loaders import Pair, as_channels, reference_units
 from .optics import Acquisition
+
+#: ``stem@4um``: the name of a synthetic validation pair, which carries its defocus.
+_DEFOCUS_SUFFIX = re.compile(r"@(-?\d+(?:\.\d+)?)um$")
+
+
+def pair_name(stem: str, defocus_um: float) -> str:
+    """The name of the synthetic validation pair of image ``stem`` at ``defocus_um``."""
+    return f"{stem}@{defocus_um:g}um"
+
+
+def pair_defocus_um(name: str | None) -> float | None:
+    """The defocus (um) in a name made by :func:`pair_name`; None for any other name."""
+    found = _DEFOCUS_SUFFIX.search(name or "")
+    return None if found is None else float(found.group(1))
 
 
 def synthetic_validation_pairs(sharp: Sequence[np.ndarray], names: Sequence[str], defocus_um: Sequence[float],
@@ -39,7 +54,7 @@ def synthetic_validation_pairs(sharp: Sequence[np.ndarray], names: Sequence[str]
             rng = np.random.default_rng([seed, i, j])
             inp = synthesize_defocus(gt, params, peak_photons, read_sigma_photons, rng=rng,
                                      channel_wavelengths_um=channel_wavelengths_um)
-            pairs.append(Pair(inp=inp, gt=gt, name=f"{name}@{dz:g}um"))
+            pairs.append(Pair(inp=inp, gt=gt, name=pair_name(name, dz)))
     # Blur the whole image, then crop: the crop's borders see real neighbours, not reflections.
     return crop_pairs(pairs, crop)
 

@@ -7,7 +7,6 @@ re-exports these names) and by :mod:`napari_mpt_deblur.training.memory`.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..data import datasets as D
 from ..data.normalisation import NormalisationConfig
+from ..data.validation_pairs import pair_defocus_um
 from ..evaluation.metrics import psnr, ssim
 from .config import TrainConfig
 
@@ -223,10 +223,6 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[D.Pair], device: torch.devi
     return scores
 
 
-#: The defocus suffix of a synthetic validation pair's name (``data.validation_pairs``: ``stem@4um``).
-_DEFOCUS_SUFFIX = re.compile(r"@(-?\d+(?:\.\d+)?)um$")
-
-
 def psnr_by_defocus(pairs: Sequence[D.Pair], scores: dict[str, Any]) -> list[dict[str, float]]:
     """Model and input PSNR (dB) averaged per defocus over synthetic validation pairs, one row
     ``{"defocus_um", "pairs", "psnr", "input_psnr"}`` per defocus in the order first met.
@@ -240,10 +236,10 @@ def psnr_by_defocus(pairs: Sequence[D.Pair], scores: dict[str, Any]) -> list[dic
         return []
     groups: dict[float, list[int]] = {}
     for i, pair in enumerate(pairs):
-        found = _DEFOCUS_SUFFIX.search(pair.name or "")
-        if found is None:
+        defocus = pair_defocus_um(pair.name)
+        if defocus is None:
             return []
-        groups.setdefault(float(found.group(1)), []).append(i)
+        groups.setdefault(defocus, []).append(i)
     return [{"defocus_um": dz, "pairs": len(idx), "psnr": float(np.mean([model[i] for i in idx])),
              "input_psnr": float(np.mean([given[i] for i in idx]))} for dz, idx in groups.items()]
 
