@@ -186,6 +186,23 @@ def test_basic_cr_values_and_plain_l1_when_beta_zero():
     assert float(terms.total) == pytest.approx(float((inp * 0.5 - gt).abs().mean()))
 
 
+def test_pixel_loss_mse_is_the_mean_squared_error_at_every_scale():
+    """EFCRConfig.pixel_loss "mse": single-scale and multi-scale (H2T) pixel terms are mean squared
+    errors; the contrastive ratio is unchanged; an unknown name is refused."""
+    gt = torch.rand(2, 1, 8, 8)
+    inp = gaussian_blur(gt, 5)
+    plain = EFCRObjective(EFCRConfig(beta=0.0, pixel_loss="mse"))(lambda x: [x * 0.5], inp, gt)
+    assert float(plain.total) == pytest.approx(float(((inp * 0.5 - gt) ** 2).mean()), rel=1e-6)
+    l1 = EFCRObjective(EFCRConfig(beta=1.0))(lambda x: [x * 0.5], inp, gt, reblur_sizes=[3, 3])
+    sq = EFCRObjective(EFCRConfig(beta=1.0, pixel_loss="mse"))(lambda x: [x * 0.5], inp, gt, reblur_sizes=[3, 3])
+    assert float(sq.cr) == pytest.approx(float(l1.cr), rel=1e-6)
+    assert float(sq.pixel) == pytest.approx(float(((inp * 0.5 - gt) ** 2).mean()), rel=1e-6)
+    pooled = [torch.nn.functional.avg_pool2d(gt, 2) + 0.1, gt - 0.2]
+    assert float(multiscale_l1(pooled, gt, "mse")) == pytest.approx((0.01 + 0.04) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="pixel_loss"):
+        EFCRConfig(pixel_loss="l2")
+
+
 def test_multiscale_l1_with_h2t_unet():
     torch.manual_seed(0)
     net = build_model(preset_config("h2t_unet", "tiny", 1))

@@ -89,6 +89,66 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(sharp_dir, tmp_path
         assert torch.equal(v, reference[k])
 
 
+def test_weight_average_is_validated_saved_and_resumed_exactly(sharp_dir, tmp_path):
+    """optim.ema_decay: the average follows min(decay, (1+n)/(10+n)) from the start weights; the
+    model file, the exported model and the validation are the average; the trained weights travel
+    beside it (raw.*), so a resumed run matches the uninterrupted one bit for bit, average included."""
+    from safetensors.torch import load_file
+
+    from napari_mpt_deblur.training.ema import WeightAverage, ema_decay_at
+
+    # The update rule on a one-parameter network, by hand.
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.0)
+    avg = WeightAverage(lin, 0.9)
+    expected = 0.0
+    for n, w in enumerate([1.0, 2.0, 3.0]):
+        with torch.no_grad():
+            lin.weight.fill_(w)
+        avg.update(lin)
+        d = ema_decay_at(0.9, n)
+        expected = d * expected + (1 - d) * w
+        assert float(avg.model.weight) == pytest.approx(expected, rel=1e-6)
+    assert ema_decay_at(0.9, 0) == pytest.approx(0.1) and ema_decay_at(0.9, 1000) == 0.9
+    assert not avg.model.weight.requires_grad
+    with pytest.raises(ValueError, match=r"ema decay must lie in \(0, 1\)"):
+        WeightAverage(lin, 1.0)
+
+    val = {"kind": "synthetic", "sharp": str(sharp_dir), "defocus_um": [3.0], "max_images": 2}
+    over = dict(optim={"ema_decay": 0.9}, validation={"data": val, "every": 3, "crop": 64})
+    full = Trainer(parse_config(_config(sharp_dir, tmp_path / "full", **over)))
+    start = _state(full)
+    full.run()
+    raw, average = _state(full), {k: v.detach().clone() for k, v in full.ema.model.state_dict().items()}
+    assert full.ema.updates == 6
+    moved = [k for k in raw if not torch.equal(raw[k], start[k])]
+    assert moved and any(not torch.equal(average[k], raw[k]) for k in moved)  # the average lags the weights
+    # The final model and the last checkpoint's model file are the average; raw.* the weights.
+    final = load_model(tmp_path / "full/model")
+    for k, v in final.model.state_dict().items():
+        assert torch.equal(v, average[k]), k
+    saved = load_file(tmp_path / "full/checkpoints/step_00000006/optimizer.safetensors")
+    for k, v in raw.items():
+        assert torch.equal(saved["raw." + k], v), k
+    # The validation scored the average.
+    from napari_mpt_deblur.training.network import evaluate_pairs
+
+    again = evaluate_pairs(full.ema.model, full.val_pairs, full.device, full.amp, full.config.patch.normalisation)
+    assert full.last_validation["psnr"] == pytest.approx(again["psnr"], abs=1e-9)
+
+    first = Trainer(parse_config(_config(sharp_dir, tmp_path / "split", **over)))
+    for record in first.steps():
+        if record.step == 4:
+            first.stop()
+    second = Trainer(parse_config(_config(sharp_dir, tmp_path / "split", **over)), resume=True)
+    assert second.step == 4 and second.ema.updates == 4
+    second.run()
+    for k in raw:
+        assert torch.equal(_state(second)[k], raw[k]), k
+        assert torch.equal(second.ema.model.state_dict()[k], average[k]), k
+
+
 def test_refuses_to_overwrite_a_run_and_detects_corrupt_checkpoints(sharp_dir, tmp_path):
     cfg = parse_config(_config(sharp_dir, tmp_path / "run", steps=2))
     Trainer(cfg).run()

@@ -1,4 +1,5 @@
-"""Multi-scale L1 loss of the head-to-tail U-Net (docs/models.md, H2T paper eq. 6)."""
+"""Pixel losses: the multi-scale L1 of the head-to-tail U-Net (docs/models.md, H2T paper eq. 6)
+and the single-scale L1 / MSE of the MPT."""
 
 from __future__ import annotations
 
@@ -8,9 +9,22 @@ import torch
 import torch.nn.functional as F
 
 
-def multiscale_l1(outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """Mean over scales of the mean absolute error between each output and the target
-    average-pooled to that output's size.
+#: Pixel losses the objective offers: the paper's L1, or the mean squared error (what PSNR measures).
+PIXEL_LOSSES = ("l1", "mse")
+
+
+def pixel_distance(out: torch.Tensor, ref: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean absolute (``l1``) or squared (``mse``) difference, computed in float32; a scalar."""
+    if kind == "l1":
+        return F.l1_loss(out.float(), ref.float())
+    if kind == "mse":
+        return F.mse_loss(out.float(), ref.float())
+    raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
+
+
+def multiscale_l1(outputs: Sequence[torch.Tensor], target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean over scales of the mean absolute error (``kind`` "mse": squared error) between each
+    output and the target average-pooled to that output's size.
 
     ``outputs``: K tensors (B, C, H / 2**(K-1-k), W / 2**(K-1-k)), coarsest first, as returned by
     ``HeadToTailUNet.forward_scales``; ``target``: (B, C, H, W). Returns a scalar.
@@ -24,5 +38,5 @@ def multiscale_l1(outputs: Sequence[torch.Tensor], target: torch.Tensor) -> torc
         if factor_h != factor_w or factor_h * out.shape[-2] != h or factor_w * out.shape[-1] != w:
             raise ValueError(f"output of size {tuple(out.shape[-2:])} is not the target {h}x{w} divided by a power of 2")
         ref = F.avg_pool2d(target, factor_h) if factor_h > 1 else target
-        losses.append(F.l1_loss(out.float(), ref.float()))
+        losses.append(pixel_distance(out, ref, kind))
     return torch.stack(losses).mean()

@@ -4,7 +4,8 @@ Layout of a run folder's ``checkpoints/``::
 
     step_00000500/model.safetensors      weights (registry format: loadable with load_model)
     step_00000500/model.json             ModelRecord with training provenance and weights SHA-256
-    step_00000500/optimizer.safetensors  AdamW moments and step counts, RNG states
+    step_00000500/optimizer.safetensors  AdamW moments and step counts, RNG states; with a weight
+                                         average, the trained weights (raw.<name>; model.* holds the average)
     step_00000500/state.json             step, optimizer hyper-parameters, scaler, metrics, config, SHA-256s
     last.json, best.json                 pointers: {"step": ..., "folder": "step_00000500", ...}
 
@@ -27,6 +28,9 @@ import torch
 from ..io.atomic import write_bytes_atomic, write_text_atomic
 
 STATE_FORMAT = 1
+#: Prefix of the trained weights in ``optimizer.safetensors`` when the model file holds their
+#: moving average (``optim.ema_decay``).
+RAW_PREFIX = "raw."
 
 
 class CheckpointError(ValueError):
@@ -94,8 +98,12 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     model_record: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``step_<step>/`` completely (idempotent for the same step); return the folder."""
+    """Write ``step_<step>/`` completely (idempotent for the same step); return the folder.
+
+    ``extra_tensors`` (e.g. ``raw.<name>``: the trained weights when ``model`` is their moving
+    average) are stored beside the optimizer state."""
     from safetensors.torch import save
 
     from ..models.registry import save_model
@@ -105,6 +113,8 @@ def write_checkpoint(
     save_model(model, folder / "model", **model_record)
     tensors, meta = optimizer_to_flat(optimizer)
     tensors.update(rng_tensors())
+    for key, value in (extra_tensors or {}).items():
+        tensors[key] = value.detach().cpu().contiguous()
     data = save(tensors, metadata={"format": "pt", "napari_mpt_deblur_checkpoint": str(STATE_FORMAT)})
     write_bytes_atomic(folder / "optimizer.safetensors", data)
     full_state = dict(state)

@@ -86,6 +86,9 @@ class OptimConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     #: Clip the global gradient norm to this (None = off).
     grad_clip: float | None = Field(1.0, gt=0)
+    #: Keep an exponential moving average of the weights with this decay (e.g. 0.999: about the
+    #: last 1,000 steps) and validate, checkpoint and export the average (training.ema); None = off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:

@@ -137,8 +137,12 @@ class RunFiles:
             "world_size": self.dist.world,
             "planned_steps": self.planned_steps,
             "budget_used_seconds": self.budget_used,
+            "ema_updates": self.ema.updates if self.ema is not None else None,
         }
-        folder = C.write_checkpoint(self.ckpt_dir, self.step, self.net, self.optimizer, state, record)
+        raw = None
+        if self.ema is not None:  # the file's model is the average; the trained weights resume the run
+            raw = {f"{C.RAW_PREFIX}{k}": v for k, v in self.net.state_dict().items()}
+        folder = C.write_checkpoint(self.ckpt_dir, self.step, self.eval_net, self.optimizer, state, record, raw)
         if is_best:
             C.point(self.ckpt_dir, "best", folder, self.step, {"psnr": validation["psnr"], "ssim": validation["ssim"]})
         C.point(self.ckpt_dir, "last", folder, self.step)
@@ -164,7 +168,12 @@ class RunFiles:
         from ..models.registry import load_model
 
         loaded = load_model(ckpt.folder / "model", "cpu")
-        self.net.load_state_dict(loaded.model.state_dict())
+        raw = {k[len(C.RAW_PREFIX):]: v for k, v in ckpt.tensors.items() if k.startswith(C.RAW_PREFIX)}
+        # With a weight average the model file holds the average and raw.* the trained weights.
+        self.net.load_state_dict(raw or loaded.model.state_dict())
+        if self.ema is not None:
+            self.ema.model.load_state_dict(loaded.model.state_dict())
+            self.ema.updates = int(ckpt.state.get("ema_updates") or 0)
         self.optimizer.load_state_dict(C.optimizer_from_flat(ckpt.tensors, ckpt.state["optimizer"]))
         if ckpt.state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt.state["scaler"])
@@ -185,7 +194,7 @@ class RunFiles:
         from ..models.registry import save_model
 
         return save_model(
-            self.net, path, name=self.config.name,
+            self.eval_net, path, name=self.config.name,
             description=f"trained with napari-mpt-deblur for {self.step} steps (EFCR beta {self.config.efcr.beta:g})",
             normalisation=self.config.patch.normalisation, training=self._training_record(), trained=True,
         )

@@ -41,6 +41,7 @@ from ..io.atomic import write_text_atomic
 from ..losses.efcr import EFCRObjective
 from . import checkpoint as C
 from .config import TrainConfig, config_json
+from .ema import WeightAverage
 # Pieces of the trainer that live in their own modules; re-exported here for existing imports.
 from .network import (  # noqa: F401
     HEAD_INIT_SCALE,
@@ -180,6 +181,8 @@ class Trainer(RunFiles):
         self.optimizer = torch.optim.AdamW(self.trained_params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.amp = autocast_dtype(config.precision, dev)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp == torch.float16)
+        #: The weights' moving average (``optim.ema_decay``), or None: what is validated and saved.
+        self.ema = WeightAverage(self.net, o.ema_decay) if o.ema_decay is not None else None
 
         self.step = 0
         #: Time-budgeted runs: the steps the schedule is laid over (None until measured) and the
@@ -279,9 +282,17 @@ class Trainer(RunFiles):
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trained_params, self.config.optim.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.net)
         return totals, grad_norm
 
     # ---------------------------------------------------------------- the loop
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The weights a run validates, checkpoints and exports: the moving average when
+        ``optim.ema_decay`` is set, else the trained network itself."""
+        return self.ema.model if self.ema is not None else self.net
 
     @property
     def total_steps(self) -> int:
@@ -422,7 +433,7 @@ class Trainer(RunFiles):
             self._barrier()
             return None
         t0 = time.perf_counter()
-        metrics = evaluate_pairs(self.net, self.val_pairs, self.device, self.amp, self.config.patch.normalisation,
+        metrics = evaluate_pairs(self.eval_net, self.val_pairs, self.device, self.amp, self.config.patch.normalisation,
                                  per_pair=True)
         metrics["seconds"] = time.perf_counter() - t0
         metrics["step"] = self.step
@@ -467,7 +478,7 @@ class TrainerJob:
 
     @property
     def model(self) -> nn.Module:
-        return self.trainer.net
+        return self.trainer.eval_net
 
     def steps(self) -> Iterator[StepRecord]:
         return self.trainer.steps()
