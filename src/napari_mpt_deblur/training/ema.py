@@ -28,7 +28,8 @@ class WeightAverage:
 
     ``update(net)`` after every optimiser step: parameters move towards the trained ones by
     ``1 - ema_decay_at(decay, n)``; buffers (e.g. norm statistics) are copied as they are.
-    The average is kept in float32 whatever the network's dtype on the device.
+    The average lives on the network's device in the parameters' own dtype (float32 under
+    autocast, which casts activations, not the stored weights).
     """
 
     def __init__(self, net: nn.Module, decay: float) -> None:
