@@ -20,7 +20,7 @@ from napari_mpt_deblur.models.layers import set_gradient_checkpointing
 from napari_mpt_deblur.models.registry import build_model, load_model, save_model
 from napari_mpt_deblur.training.config import parse_config
 from napari_mpt_deblur.training.memory import measure
-from napari_mpt_deblur.training.trainer import ScalesModule, Trainer, resolve_workers
+from napari_mpt_deblur.training.trainer import CALIBRATION_STEPS, ScalesModule, Trainer, resolve_workers
 
 MICRO_MPT = {"arch": "mpt", "dim": 8, "heads": [1, 2], "scales": [[0.5, 1.0], [1.0, 1.0]], "window_size": 4}
 SMALL_DEFOCUS = {"objectives": [{"name": "20x", "na": 0.45, "pixel_um": [0.5, 0.65]}], "max_kernel": 33,
@@ -116,7 +116,12 @@ def test_time_budget_stops_in_time_validates_and_exports_the_best(sharp_dir, tmp
     # margin measured with the setup included failed once under load); the exact accounting is the
     # budget_used assertion below.
     assert elapsed < budget_min * 60 + 30, elapsed
-    assert trainer.planned_steps is not None and result.steps_done <= trainer.planned_steps
+    if trainer.planned_steps is None:
+        # The budget (which counts the setup too) ran out before the schedule was planned: on a
+        # loaded machine setup + 4 steps can take 15 s. Then the run ends before the planning step.
+        assert result.steps_done < CALIBRATION_STEPS
+    else:
+        assert result.steps_done <= trainer.planned_steps
     val_steps = [int(r.split(",")[0]) for r in (tmp_path / "budget/val.csv").read_text().splitlines()[1:]]
     assert val_steps[-1] == result.steps_done  # validated at its last step
     exported = load_model(result.model_path)
