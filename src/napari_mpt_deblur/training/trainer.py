@@ -44,17 +44,8 @@ from .config import TrainConfig, config_json
 from .ema import WeightAverage
 # Pieces of the trainer that live in their own modules; re-exported here for existing imports.
 from .network import (  # noqa: F401
-    HEAD_INIT_SCALE,
-    ScalesModule,
-    autocast_dtype,
-    build_network,
-    check_channels,
-    check_patch_size,
-    evaluate_pairs,
-    freeze_all_but,
-    lr_at,
-    psnr_by_defocus,
-    significant_gain,
+    HEAD_INIT_SCALE, ScalesModule, autocast_dtype, build_network, check_channels, check_patch_size, evaluate_pairs,
+    freeze_all_but, lr_at, psnr_by_defocus, significant_gain,
 )
 from .parallel import DistInfo, _StepBatches, dist_from_env, init_distributed, resolve_workers  # noqa: F401
 from .run_files import LOG_COLUMNS, VAL_COLUMNS, VAL_DEFOCUS_COLUMNS, RunFiles  # noqa: F401
@@ -456,6 +447,7 @@ class Trainer(RunFiles):
             import torch.distributed as dist
 
             dist.barrier()
+
 
 def _psf_banks(*datasets: Any) -> list[Any]:
     """The PSF banks the synthetic parts of these datasets draw from (kept in this process)."""
