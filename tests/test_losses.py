@@ -14,7 +14,7 @@ from napari_mpt_deblur.losses import (
     haar_dwt2,
     haar_idwt2,
     low_high,
-    multiscale_l1,
+    multiscale_pixel_loss,
     random_reblur,
 )
 from napari_mpt_deblur.losses.efcr import gaussian_blur, single_scale
@@ -198,7 +198,7 @@ def test_pixel_loss_mse_is_the_mean_squared_error_at_every_scale():
     assert float(sq.cr) == pytest.approx(float(l1.cr), rel=1e-6)
     assert float(sq.pixel) == pytest.approx(float(((inp * 0.5 - gt) ** 2).mean()), rel=1e-6)
     pooled = [torch.nn.functional.avg_pool2d(gt, 2) + 0.1, gt - 0.2]
-    assert float(multiscale_l1(pooled, gt, "mse")) == pytest.approx((0.01 + 0.04) / 2, rel=1e-5)
+    assert float(multiscale_pixel_loss(pooled, gt, "mse")) == pytest.approx((0.01 + 0.04) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="pixel_loss"):
         EFCRConfig(pixel_loss="l2")
 
@@ -208,16 +208,16 @@ def test_multiscale_l1_with_h2t_unet():
     net = build_model(preset_config("h2t_unet", "tiny", 1))
     x = torch.rand(2, 1, 32, 32)
     outs = net.forward_scales(x)
-    loss = multiscale_l1(outs, x)
+    loss = multiscale_pixel_loss(outs, x)
     expected = np.mean([float((o - torch.nn.functional.avg_pool2d(x, 32 // o.shape[-1]) if o.shape[-1] < 32 else o - x)
                               .abs().mean()) for o in outs])
     assert float(loss) == pytest.approx(expected, rel=1e-6)
     pooled = [torch.nn.functional.avg_pool2d(x, 2), x]
-    assert float(multiscale_l1(pooled, x)) == 0.0
+    assert float(multiscale_pixel_loss(pooled, x)) == 0.0
     loss.backward()
     assert all(p.grad is not None for p in net.parameters())
     terms = EFCRObjective(EFCRConfig(beta=1.0))(net.forward_scales, x, x)
-    assert float(terms.pixel) == pytest.approx(float(multiscale_l1(net.forward_scales(x), x)), rel=1e-5)
+    assert float(terms.pixel) == pytest.approx(float(multiscale_pixel_loss(net.forward_scales(x), x)), rel=1e-5)
 
 
 def test_efcrex_extra_patches_of_another_size_run_separately():

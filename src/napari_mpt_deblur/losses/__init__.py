@@ -2,7 +2,7 @@
 
 from .efcr import EFCRConfig, EFCRObjective, LossTerms, basic_cr, contrastive_ratio, extended_cr, random_reblur
 from .haar import haar_dwt2, haar_idwt2, high, low_high
-from .multiscale import multiscale_l1
+from .multiscale import multiscale_pixel_loss
 
 __all__ = [
     "EFCRConfig",
@@ -15,6 +15,6 @@ __all__ = [
     "haar_idwt2",
     "high",
     "low_high",
-    "multiscale_l1",
+    "multiscale_pixel_loss",
     "random_reblur",
 ]

@@ -32,14 +32,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .haar import high, low_high
-from .multiscale import multiscale_l1, pixel_distance
+from .multiscale import PixelLoss, multiscale_pixel_loss
 
 
 #: ``nyquist_weight`` for training that starts from trained weights (the napari fine-tune and the
@@ -63,7 +62,7 @@ class EFCRConfig(BaseModel):
 
     #: The pixel term: ``l1`` (the paper's) or ``mse`` (ours: the mean squared error, which is what
     #: PSNR scores; docs/training.md, section 3).
-    pixel_loss: Literal["l1", "mse"] = "l1"
+    pixel_loss: PixelLoss = "l1"
     #: Weight of the contrastive ratio (paper: 1e-5). 0 disables EFCR (plain L1 training).
     beta: float = Field(1e-5, ge=0.0)
     #: Include the extended CR (reblur + second pass) in the denominator.
@@ -318,8 +317,7 @@ class EFCRObjective:
             main_scales = forward_scales(inp)
             chunks = [main_scales[-1]] + [forward_scales(p)[-1] for p in parts[1:]]
         full = main_scales[-1]
-        pixel = (multiscale_l1(main_scales, gt, cfg.pixel_loss) if len(main_scales) > 1
-                 else pixel_distance(full[:n], gt, cfg.pixel_loss))
+        pixel = multiscale_pixel_loss(main_scales, gt, cfg.pixel_loss)
         nyq = nyquist_l1(full, gt) if cfg.nyquist_weight > 0 else None
         if not use_cr:
             return LossTerms(total=pixel if nyq is None else pixel + cfg.nyquist_weight * nyq, pixel=pixel, nyquist=nyq)

@@ -1,36 +1,38 @@
-"""Pixel losses: the multi-scale L1 of the head-to-tail U-Net (docs/models.md, H2T paper eq. 6)
-and the single-scale L1 / MSE of the MPT."""
+"""Pixel losses: L1 (the papers') or MSE, of the MPT's one output or averaged over the scales of
+the head-to-tail U-Net (docs/models.md, H2T paper eq. 6)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 
 #: Pixel losses the objective offers: the paper's L1, or the mean squared error (what PSNR measures).
-PIXEL_LOSSES = ("l1", "mse")
+PixelLoss = Literal["l1", "mse"]
 
 
-def pixel_distance(out: torch.Tensor, ref: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def pixel_distance(out: torch.Tensor, ref: torch.Tensor, kind: PixelLoss = "l1") -> torch.Tensor:
     """Mean absolute (``l1``) or squared (``mse``) difference, computed in float32; a scalar."""
     if kind == "l1":
         return F.l1_loss(out.float(), ref.float())
     if kind == "mse":
         return F.mse_loss(out.float(), ref.float())
-    raise ValueError(f"pixel loss must be one of {PIXEL_LOSSES}, got {kind!r}")
+    raise ValueError(f"pixel loss must be one of {get_args(PixelLoss)}, got {kind!r}")
 
 
-def multiscale_l1(outputs: Sequence[torch.Tensor], target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def multiscale_pixel_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, kind: PixelLoss = "l1") -> torch.Tensor:
     """Mean over scales of the mean absolute error (``kind`` "mse": squared error) between each
-    output and the target average-pooled to that output's size.
+    output and the target average-pooled to that output's size. One output (the MPT): the plain
+    pixel loss of that output.
 
     ``outputs``: K tensors (B, C, H / 2**(K-1-k), W / 2**(K-1-k)), coarsest first, as returned by
     ``HeadToTailUNet.forward_scales``; ``target``: (B, C, H, W). Returns a scalar.
     """
     if not outputs:
-        raise ValueError("multiscale_l1 needs at least one output")
+        raise ValueError("multiscale_pixel_loss needs at least one output")
     h, w = target.shape[-2:]
     losses = []
     for out in outputs:

@@ -99,7 +99,7 @@ class HeadToTailUNet(nn.Module):
 
     ``forward``: (B, C_in, H, W) -> (B, C_out, H, W), the full-scale output, any H, W.
     ``forward_scales``: list of K outputs, coarsest first, the k-th of size H/2**(K-1-k) on the
-    padded grid, for the multi-scale loss (:func:`napari_mpt_deblur.losses.multiscale_l1`).
+    padded grid, for the multi-scale loss (:func:`napari_mpt_deblur.losses.multiscale_pixel_loss`).
     """
 
     def __init__(self, config: H2TUNetConfig) -> None:

@@ -44,7 +44,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         weight = 1.0 - ema_decay_at(self.decay, self.updates)
-        ours = [p for p in self.model.parameters()]
+        ours = list(self.model.parameters())
         theirs = [p.detach() for p in net.parameters()]
         if len(ours) != len(theirs):
             raise ValueError("the averaged model and the trained network have different parameters")
