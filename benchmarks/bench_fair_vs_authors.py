@@ -19,13 +19,16 @@ What is equal for both models, in every measurement:
   ratio ours/theirs; the table reports the median of those paired ratios and their range.
   ``--attention both`` (default) times our two attention paths as separate contestants: the
   explicit-matmul reference (the code before the fused path existed) and SDPA.
+  ``--ours-at REV`` adds our MPT as it was at git revision REV (its SDPA path, the same weights)
+  as one more contestant, so a change is timed before and after in the same run.
 
 Their model is built with ``input_res`` equal to the benchmark size, so its shifted-window masks
 are precomputed as in their training setup (otherwise they are rebuilt on every call).
 Their code needs H and W that are multiples of 128 for the ``paper`` preset (use 256, 512, ...).
 
     python benchmarks/bench_fair_vs_authors.py --authors-path /path/to/MPT-CataBlur
-    python benchmarks/bench_fair_vs_authors.py --authors-path ... --sizes 256 --repeats 5 --allocator off
+    python benchmarks/bench_fair_vs_authors.py --authors-path ... --sizes 256 --repeats 5 --allocator untuned
+    python benchmarks/bench_fair_vs_authors.py --authors-path ... --attention sdpa --ours-at HEAD~1
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ from pathlib import Path
 
 from _child import run_child
 from _report import spread
+from _revision import LOAD_AT_REVISION, mpt_source_at
 
-CHILD = r"""
+CHILD = LOAD_AT_REVISION + r"""
 import contextlib, importlib.util, json, os, statistics, sys, time, types
 args = json.loads(sys.argv[1])
 if args["allocator"] == "tuned":
@@ -88,10 +92,18 @@ for size in args["sizes"]:
         theirs = theirs.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     contestants = ["theirs"] + paths
-    times = {c: [] for c in contestants}
     run = {"theirs": lambda: timed(lambda v: theirs(v)["result"], x)}
     for path in paths:
         run[path] = (lambda path=path: timed(ours, x, path))
+    if args["ours_at"]:
+        before = mpt_at_revision(args["ours_at"]["source"]).MultiPyramidTransformer(ours.config).eval()
+        before.load_state_dict(ours.state_dict())
+        if args["channels_last"]:
+            before = before.to(memory_format=torch.channels_last)
+        label = "sdpa at " + args["ours_at"]["revision"]
+        contestants.append(label)
+        run[label] = lambda: timed(before, x)
+    times = {c: [] for c in contestants}
     # The same autocast for both: fp32 (none) or CPU bf16 autocast (AMX / AVX-512 BF16 hardware).
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if args["precision"] == "bf16" else contextlib.nullcontext()
     with torch.inference_mode(), amp:
@@ -99,6 +111,8 @@ for size in args["sizes"]:
         for path in paths:
             ours_mod.set_attention_backend(path)
             assert ours(x).shape == x.shape
+        if args["ours_at"]:
+            assert before(x).shape == x.shape
         for r in range(args["repeats"]):
             # rotate the order every round, so no contestant always runs first or last
             k = r % len(contestants)
@@ -116,7 +130,8 @@ def run_setting(allocator: str, args: argparse.Namespace) -> list[dict]:
     spec = {"allocator": allocator, "authors_path": str(args.authors_path), "deps": args.authors_deps,
             "threads": args.threads, "sizes": args.sizes, "repeats": args.repeats, "channels": args.channels,
             "channels_last": args.channels_last, "precision": args.precision,
-            "attention": ["reference", "sdpa"] if args.attention == "both" else [args.attention]}
+            "attention": ["reference", "sdpa"] if args.attention == "both" else [args.attention],
+            "ours_at": args.ours_at and {"revision": args.ours_at, "source": args.ours_at_source}}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.pop("MPT_DEBLUR_NO_MALLOPT", None)
     return run_child(CHILD, json.dumps(spec), env=env, what=f"benchmark child ({allocator} allocator)")
@@ -138,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         "issue 16) and the fused SDPA path as two contestants in the same rotation")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: both models under CPU bf16 autocast (worth it only on CPUs with AMX / AVX-512 BF16)")
+    p.add_argument("--ours-at", metavar="REV", default=None,
+                   help="also time our MPT as it was at this git revision (SDPA path, same weights): before/after")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -156,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     settings = ["untuned", "tuned"] if args.allocator == "both" else [args.allocator]
-    results = {a: run_setting(a, args) for a in settings}
+    args.ours_at_source = args.ours_at and mpt_source_at(args.ours_at)
+    try:
+        results = {a: run_setting(a, args) for a in settings}
+    finally:
+        if args.ours_at_source:
+            os.unlink(args.ours_at_source)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -41,9 +41,12 @@ def _trained_like(layer: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("factor", [1, 2, 4])
-def test_cswa_sdpa_matches_reference(factor, shifted, batch):
+@pytest.mark.parametrize("groups", [(2, 3), (1, 3), (3, 1), (1, 1)], ids=lambda g: f"{g[0]}x{g[1]}groups")
+def test_cswa_sdpa_matches_reference(factor, shifted, batch, groups):
+    """Every grid of groups, including a single row or column, where the shifted fused path
+    (which runs the last group row and column apart, with their masks) has empty regions."""
     layer = _trained_like(CrossScaleWindowAttention(16, 2, 1 / factor, window_size=8, shifted=shifted))
-    x = torch.rand(batch, 16, 8 * factor * 2, 8 * factor * 3)
+    x = torch.rand(batch, 16, 8 * factor * groups[0], 8 * factor * groups[1])
     ref, fused = _both(layer, x)
     assert fused.shape == ref.shape == x.shape
     assert torch.isfinite(fused).all()
@@ -65,6 +68,49 @@ def test_isca_sdpa_matches_reference(batch):
     assert any("scaled_dot_product" in e.name for e in prof.events())  # the fused path really ran
     ref, fused = _both(layer, x)
     assert (fused - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
+def test_isca_cpu_path_matches_reference(batch, channels_last):
+    """On the CPU the default path works on (H*W, d) matrices (views of a channels-last qkv, a
+    copy of a contiguous one) and divides q^T k by |q| |k|^T instead of normalising q and k."""
+    layer = _trained_like(IntraScaleChannelAttention(24, 3))
+    assert not layer.fused_on_cpu
+    x = torch.rand(batch, 24, 40, 56)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        _, fused = _both(layer, x)
+    assert not any("scaled_dot_product" in e.name for e in prof.events())
+    ref, fused = _both(layer, x)
+    assert (fused - ref).abs().max() <= 1e-5
+    # An all-zero map: both floor its norm at 1e-12 and give the same finite output.
+    with torch.no_grad():
+        layer.qkv.weight[:8].zero_()  # head 1's queries are zero everywhere
+    ref, fused = _both(layer, x)
+    assert torch.isfinite(fused).all() and (fused - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("layer_kind", ["isca", "cswa_shifted"])
+def test_training_gradients_of_the_fast_paths_match_the_reference(layer_kind):
+    """Training runs the default paths too: their gradients (parameters and input) are the
+    reference's, within fp32 rounding."""
+    if layer_kind == "isca":
+        layer, x = IntraScaleChannelAttention(16, 2), torch.rand(2, 16, 24, 40)
+    else:
+        layer, x = CrossScaleWindowAttention(16, 2, 1 / 2, window_size=8, shifted=True), torch.rand(2, 16, 32, 48)
+    layer = _trained_like(layer).train()
+    grads = {}
+    for backend in ("reference", "sdpa"):
+        layer.zero_grad()
+        xin = x.clone().requires_grad_(True)
+        with mpt.attention_backend(backend):
+            layer(xin).square().sum().backward()
+        grads[backend] = [xin.grad] + [p.grad for p in layer.parameters()]
+    for ref, fast in zip(grads["reference"], grads["sdpa"]):
+        assert ref is not None and fast is not None
+        assert (fast - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_shipped_mpt_loads_unchanged_and_both_paths_agree():

@@ -156,6 +156,25 @@ def test_cswa_shift_mask_blocks_wrapped_regions():
     assert (_cswa_output_window(layer, z, q_rows, q_cols) - ref).abs().max() > 1e-3
 
 
+def test_fefn_without_autograd_is_the_same_function_and_leaves_its_inputs_alone():
+    """Without autograd FEFN computes GELU and the product in place, in its own hidden map."""
+    from napari_mpt_deblur.models.mpt import FeatureEnhancingFFN
+
+    torch.manual_seed(4)
+    ffn = FeatureEnhancingFFN(8, 2.6).eval()
+    x1, x2 = torch.randn(2, 8, 12, 20), torch.randn(2, 8, 12, 20)
+    kept1, kept2 = x1.clone(), x2.clone()
+    with_grad = ffn(x1, x2)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        no_grad = ffn(x1, x2)
+    with torch.inference_mode():
+        inference = ffn(x1, x2)
+    assert torch.allclose(no_grad, with_grad.detach(), atol=1e-6)
+    assert torch.allclose(inference, with_grad.detach(), atol=1e-6)
+    assert torch.equal(x1, kept1) and torch.equal(x2, kept2)
+
+
 def test_cswa_rejects_sizes_off_the_grid():
     layer = CrossScaleWindowAttention(8, 1, 1 / 2, window_size=8)
     with pytest.raises(ValueError, match="multiples of 16"):

@@ -31,6 +31,9 @@ from .layers import ChannelLayerNorm, ResizeConvUpsample, crop_to, reflect_pad_t
 ATTENTION_BACKENDS = ("sdpa", "reference")
 _attention_backend = "sdpa"
 
+#: The floor on a vector norm before dividing by it, :func:`torch.nn.functional.normalize`'s default.
+_NORM_EPS = 1e-12
+
 
 def get_attention_backend() -> str:
     return _attention_backend
@@ -83,19 +86,41 @@ class IntraScaleChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv_dw(self.qkv(x)).chunk(3, dim=1)
+        qkv = self.qkv_dw(self.qkv(x))
+        if _attention_backend == "sdpa" and x.device.type == "cpu" and not self.fused_on_cpu:
+            return self.proj(self._pixel_major_attention(qkv))
+        q, k, v = qkv.chunk(3, dim=1)
         shape = (b, self.heads, c // self.heads, h * w)
-        q = F.normalize(q.reshape(shape), dim=-1)
-        k = F.normalize(k.reshape(shape), dim=-1)
-        v = v.reshape(shape)
-        if _attention_backend == "sdpa" and (v.device.type != "cpu" or self.fused_on_cpu):
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if _attention_backend == "reference":
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.temperature
+            out = attn.softmax(dim=-1) @ v
+        else:
             # (t q) k^T = t (q k^T): the temperature goes into q, and scale=1.0 replaces SDPA's 1/sqrt(d).
             dt = v.dtype
-            out = F.scaled_dot_product_attention((q * self.temperature.to(q.dtype)).to(dt), k.to(dt), v, scale=1.0)
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.temperature
-            out = attn.softmax(dim=-1) @ v
+            q = F.normalize(q, dim=-1) * self.temperature.to(q.dtype)
+            out = F.scaled_dot_product_attention(q.to(dt), F.normalize(k, dim=-1).to(dt), v, scale=1.0)
         return self.proj(out.reshape(b, c, h, w))
+
+    def _pixel_major_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The CPU path: the reference's attention computed on (H*W, d) matrices per head.
+
+        The network's activations are channels-last on the CPU (its LayerNorms leave them so), so
+        q, k and v are strided views of ``qkv``, nothing is copied, and no map is divided: the
+        cosine similarity is (q^T k) / (|q| |k|^T) on the small d x d map, and the output v A^T
+        comes out channels-last for the projection. The norms are square roots of sums of
+        squares: ``vector_norm`` over the strided pixel axis was 4x slower (docs/performance.md).
+        Shape: qkv (B, 3C, H, W) -> (B, C, H, W).
+        """
+        b, c3, h, w = qkv.shape
+        heads, d = self.heads, c3 // 3 // self.heads
+        q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        acc = torch.promote_types(q.dtype, torch.float32)  # sums of squares in at least fp32 under autocast
+        q_norm = (q * q).sum(-2, dtype=acc).sqrt().clamp_min(_NORM_EPS)  # (B, heads, d)
+        k_norm = (k * k).sum(-2, dtype=acc).sqrt().clamp_min(_NORM_EPS)
+        attn = (q.transpose(-2, -1) @ k) * (self.temperature / (q_norm.unsqueeze(-1) * k_norm.unsqueeze(-2)))
+        out = v @ attn.softmax(dim=-1).transpose(-2, -1)  # (B, heads, H*W, d)
+        return out.transpose(1, 2).reshape(b, h, w, c3 // 3).permute(0, 3, 1, 2)
 
 
 class ScalePooling(nn.Module):
@@ -179,7 +204,7 @@ class CrossScaleWindowAttention(nn.Module):
         return index.reshape(g * g, m * m)
 
     def _shift_mask(self, n_h: int, n_w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive masks (0 or -inf) for rows and columns, broadcast in :meth:`forward`.
+        """Additive masks (0 or -inf) for rows and columns of groups, broadcast over the groups.
 
         Returns row_mask (n_h, g, m) and col_mask (n_w, g, m): entry [i, a, c] is -inf when query
         row a of group row i and key row c came from different regions before the roll.
@@ -195,67 +220,125 @@ class CrossScaleWindowAttention(nn.Module):
 
         return axis_mask(n_h), axis_mask(n_w)
 
-    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
-                         bias: torch.Tensor, b: int, n_h: int, n_w: int) -> torch.Tensor:
-        """softmax(scale * q k^T + bias [+ shift mask]) v through SDPA: the same result as the
-        reference path. q: (G, heads, g*g, d) and k, v: (G, heads, m*m, d) with G = b*n_h*n_w,
-        q and k L2-normalised; scale: (heads, 1, 1); bias: (heads, g*g, m*m). Returns (G, heads, g*g, d).
+    def _shifted_masks(self, n_h: int, n_w: int, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The additive masks of the groups that the roll wrapped together: only the last group
+        row and the last group column hold pixels from two regions (see :func:`_region_labels`).
 
-        The cosine-attention temperature is folded into q and SDPA's own 1/sqrt(d) is replaced by
-        ``scale=1.0``; the bias and the shift mask become one additive float mask.
+        bias: (heads, g*g, m*m). Returns the mask of the last row without its last group,
+        (1, heads, g*g, m*m), and the masks of the last column's groups, row by row,
+        (n_h, heads, g*g, m*m); both include the bias.
         """
         m, g, heads = self.window, self.group_size, self.heads
+        row_mask, col_mask = self._shift_mask(n_h, n_w, bias.device, bias.dtype)
+        pairs = bias.view(1, heads, g, g, m, m)
+        last_row = pairs + row_mask[-1].view(1, 1, g, 1, m, 1)
+        last_col = pairs + col_mask[-1].view(1, 1, 1, g, 1, m) + row_mask.view(n_h, 1, g, 1, m, 1)
+        return last_row.view(1, heads, g * g, m * m), last_col.view(n_h, heads, g * g, m * m)
+
+    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+        """softmax(scale * cos(q, k) + bias [+ shift mask]) v through SDPA, as the reference path.
+
+        q: (B, C, H, W); k, v: (B, C, H/factor, W/factor), rolled if shifted; scale: (heads, 1, 1);
+        bias: (heads, g*g, m*m). Returns (B, H, W, C).
+
+        Shifted windows: the -inf shift mask concerns the last group row and column only, so
+        those groups go through SDPA apart, each with its own mask, and every other group with
+        the bias alone, broadcast; a mask for every group (64 MB per layer for the ``paper``
+        preset's first level at 512 x 512) is never built.
+        """
+        b, c, h, w = q.shape
+        m, g = self.window, self.group_size
+        n_h, n_w = h // g, w // g
+        bias = bias.to(v.dtype).unsqueeze(0)  # (1, heads, g*g, m*m): 4-D, which the fused CPU kernel needs
+        out = q.new_empty(b, h, w, c)
+        if not self.shifted:
+            self._attend_region(out, q, k, v, scale, bias)
+            return out
+        last_row, last_col = self._shifted_masks(n_h, n_w, bias[0])
+        # Rows and columns of groups: [:-1, :-1] bias only, [-1, :-1] one mask, [:, -1] one per row.
+        qh, qw, kh, kw = h - g, w - g, (n_h - 1) * m, (n_w - 1) * m
+        if n_h > 1 and n_w > 1:
+            self._attend_region(out[:, :qh, :qw], q[..., :qh, :qw], k[..., :kh, :kw], v[..., :kh, :kw], scale, bias)
+        if n_w > 1:
+            self._attend_region(out[:, qh:, :qw], q[..., qh:, :qw], k[..., kh:, :kw], v[..., kh:, :kw], scale, last_row)
+        # The groups are ordered row, image, column, so each row's mask repeats for every image.
+        self._attend_region(out[:, :, qw:], q[..., qw:], k[..., kw:], v[..., kw:], scale,
+                            last_col.repeat_interleave(b, dim=0))
+        return out
+
+    def _attend_region(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: torch.Tensor, mask: torch.Tensor) -> None:
+        """SDPA over the groups of one region of the maps (shapes as :meth:`_fused_attention`),
+        written into ``out``, the region's (B, H', W', C) view of the output."""
+        m, g, heads = self.window, self.group_size, self.heads
         dt = v.dtype
-        q = (q * scale.to(q.dtype)).to(dt)
-        mask = bias.to(dt).unsqueeze(0)  # (1, heads, g*g, m*m): 4-D, which the fused CPU kernel needs
-        if self.shifted:
-            row_mask, col_mask = self._shift_mask(n_h, n_w, q.device, dt)
-            mask = (mask.view(1, 1, heads, g, g, m, m) + row_mask.view(n_h, 1, 1, g, 1, m, 1)
-                    + col_mask.view(1, n_w, 1, 1, g, 1, m)).view(n_h * n_w, heads, g * g, m * m)
-            if b > 1:  # the fused CPU kernel takes 4-D inputs only, so the mask is repeated per image
-                mask = mask.repeat(b, 1, 1, 1)
-        return F.scaled_dot_product_attention(q, k.to(dt), v, attn_mask=mask, scale=1.0)
+        rows, cols = q.shape[2] // g, q.shape[3] // g
+        q = _to_groups(q, heads, g)
+        # Cosine attention: the temperature and 1 / |q| in one factor; scale=1.0 replaces SDPA's 1/sqrt(d).
+        q = (q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_NORM_EPS))).to(dt)
+        k = F.normalize(_to_groups(k, heads, m), dim=-1).to(dt)
+        attended = F.scaled_dot_product_attention(q, k, _to_groups(v, heads, m), attn_mask=mask, scale=1.0)
+        _from_groups(attended, out, rows, cols, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         m, g, heads = self.window, self.group_size, self.heads
         if h % g or w % g:
             raise ValueError(f"CSWA with window {m} and scale 1/{self.factor} needs H, W multiples of {g}, got {h}x{w}")
-        d = c // heads
         q = self.q_dw(self.q(x))
         k, v = self.kv_dw(self.kv(self.downsample(x))).chunk(2, dim=1)
         if self.shifted:
             q = torch.roll(q, shifts=(-(g // 2), -(g // 2)), dims=(2, 3))
             k = torch.roll(k, shifts=(-(m // 2), -(m // 2)), dims=(2, 3))
             v = torch.roll(v, shifts=(-(m // 2), -(m // 2)), dims=(2, 3))
-        n_h, n_w = h // g, w // g
-
-        def to_groups(t: torch.Tensor, side: int) -> torch.Tensor:
-            # (B, C, n_h*side, n_w*side) -> (B*n_h*n_w, heads, side*side, d)
-            t = t.reshape(b, heads, d, n_h, side, n_w, side).permute(0, 3, 5, 1, 4, 6, 2)
-            return t.reshape(b * n_h * n_w, heads, side * side, d)
-
-        q = F.normalize(to_groups(q, g), dim=-1)
-        k = F.normalize(to_groups(k, m), dim=-1)
-        v = to_groups(v, m)
         scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        bias = self.relative_position_bias_table[self.relative_position_index]  # (g*g, m*m, heads)
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, g*g, m*m)
         if _attention_backend == "sdpa":
-            out = self._fused_attention(q, k, v, scale, bias.permute(2, 0, 1), b, n_h, n_w)
+            out = self._fused_attention(q, k, v, scale, bias)
         else:
-            attn = (q * scale) @ k.transpose(-2, -1)  # (G, heads, g*g, m*m)
-            attn = attn + bias.permute(2, 0, 1).to(attn.dtype)
-            if self.shifted:
-                row_mask, col_mask = self._shift_mask(n_h, n_w, attn.device, attn.dtype)
-                attn = attn.view(b, n_h, n_w, heads, g, g, m, m)
-                attn = attn + row_mask.view(1, n_h, 1, 1, g, 1, m, 1) + col_mask.view(1, 1, n_w, 1, 1, g, 1, m)
-                attn = attn.view(b * n_h * n_w, heads, g * g, m * m)
-            out = attn.softmax(dim=-1) @ v  # (G, heads, g*g, d)
-        out = out.view(b, n_h, n_w, heads, g, g, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, h, w, c)
+            out = self._reference_attention(q, k, v, scale, bias)
         out = self.proj(out).permute(0, 3, 1, 2)
         if self.shifted:
             out = torch.roll(out, shifts=(g // 2, g // 2), dims=(2, 3))
         return out
+
+    def _reference_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                             bias: torch.Tensor) -> torch.Tensor:
+        """The paper's formulation, explicit matmul + softmax + matmul; shapes as :meth:`_fused_attention`."""
+        b, c, h, w = q.shape
+        m, g, heads = self.window, self.group_size, self.heads
+        n_h, n_w = h // g, w // g
+        q = F.normalize(_to_groups(q, heads, g), dim=-1)
+        k = F.normalize(_to_groups(k, heads, m), dim=-1)
+        attn = (q * scale) @ k.transpose(-2, -1)  # (n_h*B*n_w, heads, g*g, m*m)
+        attn = attn + bias.to(attn.dtype)
+        if self.shifted:
+            row_mask, col_mask = self._shift_mask(n_h, n_w, attn.device, attn.dtype)
+            attn = attn.view(n_h, b, n_w, heads, g, g, m, m)
+            attn = attn + row_mask.view(n_h, 1, 1, 1, g, 1, m, 1) + col_mask.view(1, 1, n_w, 1, 1, g, 1, m)
+            attn = attn.view(n_h * b * n_w, heads, g * g, m * m)
+        out = q.new_empty(b, h, w, c)
+        _from_groups(attn.softmax(dim=-1) @ _to_groups(v, heads, m), out, n_h, n_w, g)
+        return out
+
+
+def _to_groups(t: torch.Tensor, heads: int, side: int) -> torch.Tensor:
+    """(B, heads*d, R*side, S*side) -> (R*B*S, heads, side*side, d): the side x side windows as
+    attention groups, ordered by window row, image, window column (so a row of windows is one slice)."""
+    b, c, h, w = t.shape
+    rows, cols = h // side, w // side
+    t = t.reshape(b, heads, c // heads, rows, side, cols, side).permute(3, 0, 5, 1, 4, 6, 2)
+    return t.reshape(rows * b * cols, heads, side * side, c // heads)
+
+
+def _from_groups(groups: torch.Tensor, out: torch.Tensor, rows: int, cols: int, side: int) -> None:
+    """Write (R*B*S, heads, side*side, d) groups, ordered as :func:`_to_groups`, into ``out``,
+    a (B, R*side, S*side, heads*d) tensor or view."""
+    b = out.shape[0]
+    heads, d = groups.shape[1], groups.shape[3]
+    windows = groups.view(rows, b, cols, heads, side, side, d).permute(1, 0, 4, 2, 5, 3, 6)
+    out.unflatten(1, (rows, side)).unflatten(3, (cols, side)).unflatten(5, (heads, d)).copy_(windows)
 
 
 class FeatureEnhancingFFN(nn.Module):
@@ -277,8 +360,16 @@ class FeatureEnhancingFFN(nn.Module):
         self.out = nn.Conv2d(hidden, channels, 1, bias=False)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        gate = F.gelu(self.channel_dw(self.channel_in(self.norm_channel(x2))))
-        return self.out(gate * self.spatial_in(self.norm_spatial(x1))) + x1
+        gate = self.channel_dw(self.channel_in(self.norm_channel(x2)))
+        spatial = self.spatial_in(self.norm_spatial(x1))
+        if torch.is_grad_enabled():
+            hidden = F.gelu(gate) * spatial
+        else:
+            # Without autograd, GELU and the product overwrite the gate: these F-channel maps are
+            # the largest of the network, and two fewer of them to allocate and write is ~3% of
+            # a CPU pass (docs/performance.md).
+            hidden = torch.ops.aten.gelu_(gate).mul_(spatial)
+        return self.out(hidden) + x1
 
 
 class PyramidSubBlock(nn.Module):
