@@ -58,6 +58,16 @@ def attention_backend(name: str) -> Iterator[None]:
         set_attention_backend(previous)
 
 
+def _add_residual(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + branch``, added into ``branch`` when the dtypes agree: no new map is allocated.
+
+    Only for a ``branch`` fresh from a projection, convolution or upsampling, whose output
+    autograd does not keep. Under autocast a half-precision branch gets a new float32 sum, as
+    ``x + branch`` would, so the residual stream stays float32.
+    """
+    return branch.add_(x) if branch.dtype == torch.promote_types(branch.dtype, x.dtype) else x + branch
+
+
 def _depthwise3x3(channels: int) -> nn.Conv2d:
     return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
 
@@ -369,7 +379,7 @@ class FeatureEnhancingFFN(nn.Module):
             # the largest of the network, and two fewer of them to allocate and write is ~3% of
             # a CPU pass (docs/performance.md).
             hidden = torch.ops.aten.gelu_(gate).mul_(spatial)
-        return self.out(hidden) + x1
+        return _add_residual(self.out(hidden), x1)
 
 
 class PyramidSubBlock(nn.Module):
@@ -387,8 +397,8 @@ class PyramidSubBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.norm(x)
-        a = x + self.channel_attention(n)
-        b = x + self.spatial_attention(n)
+        a = _add_residual(self.channel_attention(n), x)
+        b = _add_residual(self.spatial_attention(n), x)
         return self.ffn(b, a)
 
 
@@ -475,7 +485,7 @@ class MultiPyramidTransformer(nn.Module):
             feat = down(feat)
         feat = run_block(self.bottleneck, feat, checkpoint=ckpt)
         for i in reversed(range(len(self.decoders))):
-            feat = run_block(self.decoders[i], self.ups[i](feat) + skips[i], checkpoint=ckpt)
+            feat = run_block(self.decoders[i], _add_residual(self.ups[i](feat), skips[i]), checkpoint=ckpt)
         out = self.head(feat)
         if self.config.global_residual and self.config.in_channels == self.config.out_channels:
             out = out + padded
