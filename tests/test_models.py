@@ -175,6 +175,27 @@ def test_fefn_without_autograd_is_the_same_function_and_leaves_its_inputs_alone(
     assert torch.equal(x1, kept1) and torch.equal(x2, kept2)
 
 
+def test_residual_additions_stay_float32_under_autocast_and_keep_gradients():
+    """Residuals are added into the branch output in place, except when the branch is in lower
+    precision (autocast): then the sum is a new float32 map, as x + branch would be."""
+    from napari_mpt_deblur.models.mpt import _add_residual
+
+    x = torch.randn(1, 4, 8, 8)
+    branch = torch.randn(1, 4, 8, 8)
+    expected = x + branch
+    same = _add_residual(branch, x)
+    assert same.data_ptr() == branch.data_ptr() and torch.equal(same, expected)
+    low = torch.randn(1, 4, 8, 8).to(torch.bfloat16)
+    mixed = _add_residual(low, x)
+    assert mixed.dtype == torch.float32 and mixed.data_ptr() != low.data_ptr()
+    assert torch.equal(mixed, x + low)
+    # A whole MPT under CPU bf16 autocast returns float32 like before.
+    model = build_model(preset_config("mpt", "tiny", 1)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 1, 64, 64))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_cswa_rejects_sizes_off_the_grid():
     layer = CrossScaleWindowAttention(8, 1, 1 / 2, window_size=8)
     with pytest.raises(ValueError, match="multiples of 16"):
