@@ -292,8 +292,8 @@ class CrossScaleWindowAttention(nn.Module):
         _from_groups(attended, out, rows, cols, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        m, g, heads = self.window, self.group_size, self.heads
+        h, w = x.shape[-2:]
+        m, g = self.window, self.group_size
         if h % g or w % g:
             raise ValueError(f"CSWA with window {m} and scale 1/{self.factor} needs H, W multiples of {g}, got {h}x{w}")
         q = self.q_dw(self.q(x))
