@@ -119,7 +119,7 @@ class IntraScaleChannelAttention(nn.Module):
         q, k and v are strided views of ``qkv``, nothing is copied, and no map is divided: the
         cosine similarity is (q^T k) / (|q| |k|^T) on the small d x d map, and the output v A^T
         comes out channels-last for the projection. The norms are square roots of sums of
-        squares: ``vector_norm`` over the strided pixel axis was 4x slower (docs/performance.md).
+        squares: ``vector_norm`` over the strided pixel axis is several times slower.
         Shape: qkv (B, 3C, H, W) -> (B, C, H, W).
         """
         b, c3, h, w = qkv.shape
@@ -376,8 +376,7 @@ class FeatureEnhancingFFN(nn.Module):
             hidden = F.gelu(gate) * spatial
         else:
             # Without autograd, GELU and the product overwrite the gate: these F-channel maps are
-            # the largest of the network, and two fewer of them to allocate and write is ~3% of
-            # a CPU pass (docs/performance.md).
+            # the largest of the network, so two fewer of them are allocated and written.
             hidden = torch.ops.aten.gelu_(gate).mul_(spatial)
         return _add_residual(self.out(hidden), x1)
 
